@@ -1,0 +1,202 @@
+# Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
+"""Vision(-language) backbones through open_clip.
+
+A backbone is named the way open_clip names models:
+
+- ``local-dir:PATH``: a folder with ``open_clip_config.json`` and ``open_clip_model.safetensors``
+  (how every bundle ships its default weights; needs no network);
+- ``hf-hub:org/repo``: weights on the Hugging Face hub (needs network the first time), e.g.
+  ``hf-hub:yyupenn/whylesionclip``;
+- an open_clip model name plus ``pretrained`` (a tag such as ``openai`` or a local weights file).
+
+Weights are loaded safely: safetensors, or ``torch.load(weights_only=True)`` inside open_clip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.utils import optional_import
+from safetensors.torch import save_file
+
+open_clip, _has_open_clip = optional_import("open_clip")
+
+__all__ = [
+    "Backbone",
+    "ImageEncoder",
+    "load_backbone",
+    "save_local_dir",
+    "backbone_fingerprint",
+    "file_sha256",
+    "OPENAI_CLIP_MEAN",
+    "OPENAI_CLIP_STD",
+]
+
+logger = logging.getLogger(__name__)
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """sha256 hex digest of a file's content, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(chunk)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def backbone_fingerprint(spec: str, pretrained: str | None = None) -> str:
+    """Identity of a backbone's weights: content hashes for local files, the name for hub models.
+
+    Anything cached or fitted on one backbone (features, text embeddings, probes, heads) is stale
+    for a backbone with another fingerprint.
+    """
+    parts: list[str] = [spec, pretrained or ""]
+    if spec.startswith(LOCAL_DIR):
+        folder = Path(spec[len(LOCAL_DIR):])
+        for name in ("open_clip_config.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+            if (folder / name).is_file():
+                parts.append(f"{name}={file_sha256(folder / name)}")
+        parts[0] = LOCAL_DIR  # the same weights in another folder are the same backbone
+    elif pretrained and Path(pretrained).is_file():
+        parts[1] = f"file={file_sha256(pretrained)}"
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+class ImageEncoder(torch.nn.Module):
+    """The image tower of a CLIP model; returns L2-normalised embeddings ``(B, D)``."""
+
+    def __init__(self, visual: torch.nn.Module):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.visual(image), dim=-1)
+
+
+@dataclass
+class Backbone:
+    """A loaded open_clip model and what medcbm needs to know about it."""
+
+    spec: str
+    model: torch.nn.Module
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    fingerprint: str
+    pretrained: str | None = None
+    _tokenizer: Any = field(default=None, repr=False)
+
+    @property
+    def embed_dim(self) -> int:
+        with torch.no_grad():
+            dummy = torch.zeros(1, 3, self.image_size, self.image_size)
+            return int(self.encode_images(dummy).shape[-1])
+
+    def image_encoder(self) -> ImageEncoder:
+        """The image tower alone (what the concept bottleneck network keeps for inference)."""
+        return ImageEncoder(self.model.visual)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        return F.normalize(self.model.encode_image(images), dim=-1)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """L2-normalised text embeddings ``(len(texts), D)``; needs the text tower and tokenizer."""
+        if self._tokenizer is None:
+            self._tokenizer = open_clip.get_tokenizer(self.spec)
+        self.model.eval()
+        tokens = self._tokenizer(list(texts))
+        return F.normalize(self.model.encode_text(tokens), dim=-1)
+
+    def preprocessing(self) -> dict[str, Any]:
+        return {"image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+
+
+def load_backbone(spec: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> Backbone:
+    """Load an open_clip backbone by spec (``local-dir:``, ``hf-hub:``, or model name + ``pretrained``).
+
+    Raises:
+        FileNotFoundError: a ``local-dir:`` folder or its files are missing.
+        ValueError: the spec is empty.
+    """
+    if not spec:
+        raise ValueError("backbone spec is empty; use 'local-dir:PATH', 'hf-hub:org/repo' or an open_clip model name")
+    if spec.startswith(LOCAL_DIR):
+        folder = Path(spec[len(LOCAL_DIR):])
+        cfg_path = folder / "open_clip_config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"backbone folder {folder} has no open_clip_config.json (spec {spec!r})")
+        if not any((folder / n).is_file() for n in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")):
+            raise FileNotFoundError(
+                f"backbone folder {folder} has no open_clip_model.safetensors; "
+                "run `python -m monai.bundle download_large_files --bundle_path <bundle>` or rebuild it"
+            )
+        # open_clip resolves the folder relative to the CWD; pass it absolute so any CWD works.
+        spec = LOCAL_DIR + str(folder.resolve())
+    model = open_clip.create_model(spec, pretrained=pretrained, device=device, weights_only=True)
+    model.eval()
+    pp = getattr(model.visual, "preprocess_cfg", {}) or {}
+    size = pp.get("size", getattr(model.visual, "image_size", 224))
+    if isinstance(size, (tuple, list)):
+        size = size[0]
+    mean = tuple(float(v) for v in pp.get("mean", OPENAI_CLIP_MEAN))
+    std = tuple(float(v) for v in pp.get("std", OPENAI_CLIP_STD))
+    return Backbone(
+        spec=spec,
+        model=model,
+        image_size=int(size),
+        mean=mean,
+        std=std,
+        fingerprint=backbone_fingerprint(spec, pretrained),
+        pretrained=pretrained,
+    )
+
+
+def save_local_dir(
+    model: torch.nn.Module,
+    model_cfg: dict[str, Any],
+    folder: str | Path,
+    mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    std: Sequence[float] = OPENAI_CLIP_STD,
+    half: bool = False,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` as an open_clip ``local-dir:`` folder (config JSON + safetensors).
+
+    Args:
+        half: store weights as float16 (halves the size; open_clip casts back on load).
+        extra: more keys for ``open_clip_config.json`` (e.g. provenance of the training run).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    size = model_cfg["vision_cfg"]["image_size"]
+    cfg = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": {"size": size, "mean": list(mean), "std": list(std), "interpolation": "bicubic",
+                           "resize_mode": "shortest"},
+    }
+    if extra:
+        cfg.update(extra)
+    state = {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    tmp = folder / "open_clip_model.safetensors.tmp"
+    save_file(state, str(tmp))
+    tmp.replace(folder / "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+    return folder

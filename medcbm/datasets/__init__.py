@@ -1,0 +1,42 @@
+# Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
+"""Adapters from the offline shared data (``../shared/data``) to MONAI-style record lists with concept labels."""
+
+from __future__ import annotations
+
+from .nih_cxr14 import (
+    CXR_CLASSES,
+    CXR_CONCEPT_IDS,
+    FINDING_CONCEPT_RULES,
+    NIH_FINDINGS,
+    finding_concepts,
+    nih_cxr14_overlap_dropped,
+    nih_cxr14_records,
+)
+from .paths import SHARED_DATA_ENV, sha256_file, shared_data_root
+from .pbc_wbcatt import (
+    PBC_CLASSES,
+    WBCATT_ATTRIBUTE_VALUES,
+    WBCATT_CONCEPT_IDS,
+    WBCATT_CONCEPT_RULES,
+    pbc_wbcatt_records,
+    wbcatt_concepts,
+)
+
+__all__ = [
+    "SHARED_DATA_ENV",
+    "shared_data_root",
+    "sha256_file",
+    "PBC_CLASSES",
+    "WBCATT_ATTRIBUTE_VALUES",
+    "WBCATT_CONCEPT_RULES",
+    "WBCATT_CONCEPT_IDS",
+    "wbcatt_concepts",
+    "pbc_wbcatt_records",
+    "NIH_FINDINGS",
+    "CXR_CLASSES",
+    "FINDING_CONCEPT_RULES",
+    "CXR_CONCEPT_IDS",
+    "finding_concepts",
+    "nih_cxr14_records",
+    "nih_cxr14_overlap_dropped",
+]

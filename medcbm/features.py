@@ -1,0 +1,158 @@
+# Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
+"""Feature cache: image embeddings computed once per (backbone, preprocessing, file content).
+
+Entries are safetensors files (no pickle) under ``<root>/<namespace>/<aa>/<sha256>.safetensors``,
+where ``namespace`` hashes the backbone fingerprint and the preprocessing fingerprint and
+``sha256`` is the image file's content hash. A changed file, backbone or preprocessing therefore
+maps to another key, and each entry also records both fingerprints, which are checked on read:
+a stale or corrupt entry is never served (it counts as a miss and is rewritten).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .backbones import file_sha256
+
+__all__ = ["FeatureCache", "ExtractionResult", "extract_features", "default_cache_dir"]
+
+logger = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """``$MEDCBM_CACHE`` or ``~/.cache/medcbm/features``."""
+    return Path(os.environ.get("MEDCBM_CACHE", Path.home() / ".cache" / "medcbm")) / "features"
+
+
+class FeatureCache:
+    """On-disk cache of image features for one backbone and one preprocessing.
+
+    Args:
+        root: cache folder (created on first write).
+        backbone_fingerprint: from :func:`medcbm.backbones.backbone_fingerprint`.
+        preprocessing_fingerprint: from the image pipeline's ``fingerprint()``.
+    """
+
+    def __init__(self, root: str | Path, backbone_fingerprint: str, preprocessing_fingerprint: str):
+        self.root = Path(root)
+        self.backbone_fingerprint = backbone_fingerprint
+        self.preprocessing_fingerprint = preprocessing_fingerprint
+        ns = hashlib.sha256(f"{backbone_fingerprint}|{preprocessing_fingerprint}".encode()).hexdigest()[:20]
+        self.namespace = self.root / ns
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, content_sha256: str) -> Path:
+        return self.namespace / content_sha256[:2] / f"{content_sha256}.safetensors"
+
+    def get(self, content_sha256: str) -> torch.Tensor | None:
+        path = self._path(content_sha256)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                fresh = (
+                    meta.get("backbone") == self.backbone_fingerprint
+                    and meta.get("preprocessing") == self.preprocessing_fingerprint
+                    and meta.get("content") == content_sha256
+                )
+                feature = f.get_tensor("feature") if fresh else None
+        except Exception as e:  # a torn or foreign file: recompute, never serve it
+            logger.warning("ignoring unreadable feature cache entry %s (%s)", path, e)
+            feature = None
+        if feature is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return feature
+
+    def put(self, content_sha256: str, feature: torch.Tensor) -> None:
+        path = self._path(content_sha256)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        meta = {
+            "backbone": self.backbone_fingerprint,
+            "preprocessing": self.preprocessing_fingerprint,
+            "content": content_sha256,
+        }
+        save_file({"feature": feature.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+
+
+@dataclass
+class ExtractionResult:
+    """Features for the files that could be read, and a reason for each that could not."""
+
+    features: np.ndarray  # (N, D), rows in the order of ``ok``
+    ok: list[int]  # input indices with a feature
+    errors: dict[int, str] = field(default_factory=dict)  # input index -> reason
+    content_sha256: dict[int, str] = field(default_factory=dict)
+
+
+@torch.no_grad()
+def extract_features(
+    paths: Sequence[str | Path],
+    encoder: Callable[[torch.Tensor], torch.Tensor],
+    load: Callable[[str | Path], torch.Tensor],
+    cache: FeatureCache | None = None,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+) -> ExtractionResult:
+    """Embed image files, reusing cached features; a bad file becomes an error, not an exception.
+
+    Args:
+        paths: image files.
+        encoder: images ``(B, 3, H, W)`` -> features ``(B, D)``.
+        load: one path -> preprocessed image tensor ``(3, H, W)`` (raises on unreadable input).
+        cache: optional :class:`FeatureCache`.
+    """
+    feats: dict[int, torch.Tensor] = {}
+    errors: dict[int, str] = {}
+    hashes: dict[int, str] = {}
+    pending: list[tuple[int, torch.Tensor]] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        batch = torch.stack([t for _, t in pending]).to(device)
+        out = encoder(batch).float().cpu()
+        for (i, _), f in zip(pending, out):
+            feats[i] = f
+            if cache is not None:
+                cache.put(hashes[i], f)
+        pending.clear()
+
+    for i, p in enumerate(paths):
+        try:
+            hashes[i] = file_sha256(p)
+        except OSError as e:
+            errors[i] = f"{p}: cannot read file ({e.strerror or e})"
+            continue
+        if cache is not None:
+            hit = cache.get(hashes[i])
+            if hit is not None:
+                feats[i] = hit
+                continue
+        try:
+            pending.append((i, load(p)))
+        except Exception as e:  # the reader names the file and the reason
+            errors[i] = str(e) if str(p) in str(e) else f"{p}: {e}"
+            continue
+        if len(pending) >= batch_size:
+            flush()
+    flush()
+    ok = sorted(feats)
+    stacked = torch.stack([feats[i] for i in ok]).numpy() if ok else np.zeros((0, 0), dtype=np.float32)
+    return ExtractionResult(stacked, ok, errors, hashes)

@@ -1,0 +1,142 @@
+# Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
+"""Fit a concept bottleneck (grounding + prior-constrained head) on cached features.
+
+This is what ``configs/train.yaml`` of every bundle runs, and what built the shipped weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .concepts import ConceptBank
+from .grounding import (
+    ConceptGrounding,
+    ConceptGroundingReport,
+    ProbeGrounding,
+    TextGrounding,
+    fit_concept_probes,
+    grounding_report,
+)
+from .head import KnowledgePriorHead
+from .metrics import accuracy, auroc, balanced_accuracy
+
+__all__ = ["FittedCBM", "fit_cbm", "choose_grounding_mode", "classification_metrics"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FittedCBM:
+    """Everything a fit produces: the kept concepts, grounding, head and what was measured on validation."""
+
+    bank: ConceptBank  # restricted to the kept concepts
+    grounding: ConceptGrounding
+    head: KnowledgePriorHead
+    neutral: np.ndarray  # (K,) mean training score: the value a masked concept takes
+    source_class_means: np.ndarray  # (C, K) mean training score per class
+    report: list[ConceptGroundingReport] = field(default_factory=list)
+    dropped: dict[str, str] = field(default_factory=dict)  # concept id -> reason
+    val_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def choose_grounding_mode(concept_labels: np.ndarray | None) -> str:
+    """``probe`` when any concept label is present, else ``text``."""
+    if concept_labels is not None and np.isfinite(np.asarray(concept_labels, dtype=np.float64)).any():
+        return "probe"
+    return "text"
+
+
+def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+    """Accuracy, balanced accuracy and one-vs-rest AUROC per class."""
+    y_true = np.asarray(y_true)
+    pred = proba.argmax(1)
+    out: dict[str, Any] = {
+        "n": int(len(y_true)),
+        "accuracy": round(accuracy(y_true, pred), 4),
+        "balanced_accuracy": round(balanced_accuracy(y_true, pred), 4),
+    }
+    for c, name in enumerate(class_names):
+        a = auroc(y_true == c, proba[:, c])
+        out[f"auroc_{name}"] = None if np.isnan(a) else round(a, 4)
+    return out
+
+
+def fit_cbm(
+    bank: ConceptBank,
+    train_features: np.ndarray,
+    train_y: np.ndarray,
+    val_features: np.ndarray,
+    val_y: np.ndarray,
+    train_concepts: np.ndarray | None = None,
+    val_concepts: np.ndarray | None = None,
+    mode: str = "auto",
+    text_embeddings: torch.Tensor | None = None,
+    prior_strength: float | Sequence[float] = (0.0, 0.01, 0.1, 1.0),
+    sparsity: float = 0.0,
+    drop_ungroundable: bool = True,
+) -> FittedCBM:
+    """Ground the concepts, drop those no better than chance, and fit the knowledge-prior head.
+
+    Args:
+        bank: the concept bank (classes, concepts, prior).
+        train_features, val_features: L2-normalised image features ``(N, D)``.
+        train_y, val_y: class indices.
+        train_concepts, val_concepts: concept labels ``(N, K)`` in {0, 1}, NaN when not annotated.
+        mode: ``probe``, ``text`` or ``auto`` (probe when concept labels exist).
+        text_embeddings: ``(K, D)`` concept text embeddings (required for ``text``).
+        prior_strength: candidates for the head's prior weight, chosen on validation data.
+        drop_ungroundable: remove concepts whose grounding is not better than chance on validation
+            (for ``probe`` also concepts without labels). Kept when no concept labels exist at all.
+    """
+    if mode == "auto":
+        mode = choose_grounding_mode(train_concepts)
+    Xtr = torch.as_tensor(np.asarray(train_features, dtype=np.float32))
+    Xva = torch.as_tensor(np.asarray(val_features, dtype=np.float32))
+    K = bank.num_concepts
+    if mode == "probe":
+        if train_concepts is None or val_concepts is None:
+            raise ValueError("probe grounding needs concept labels for the training and validation images")
+        grounding: ConceptGrounding = fit_concept_probes(Xtr.numpy(), train_concepts, Xva.numpy(), val_concepts)
+    elif mode == "text":
+        if text_embeddings is None:
+            raise ValueError("text grounding needs the concept text embeddings of this backbone")
+        grounding = TextGrounding(text_embeddings).calibrate(Xtr)
+    else:
+        raise ValueError(f"unknown grounding mode {mode!r}")
+
+    keep = list(range(K))
+    report: list[ConceptGroundingReport] = []
+    dropped: dict[str, str] = {}
+    if val_concepts is not None and np.isfinite(np.asarray(val_concepts, dtype=np.float64)).any():
+        with torch.no_grad():
+            sv = grounding(Xva).numpy()
+        report = grounding_report(bank.concept_ids, sv, val_concepts)
+        if drop_ungroundable:
+            keep = [k for k, r in enumerate(report) if r.groundable]
+            dropped = {r.concept_id: r.reason for r in report if not r.groundable}
+            if len(keep) < 2:
+                raise ValueError(f"only {len(keep)} concepts are groundable on the validation data: {dropped}")
+    sub_bank = bank.subset([bank.concept_ids[k] for k in keep])
+    grounding = _subset_grounding(grounding, keep)
+    with torch.no_grad():
+        s_tr, s_va = grounding(Xtr).numpy(), grounding(Xva).numpy()
+    head = KnowledgePriorHead(prior=sub_bank.prior, prior_strength=prior_strength, sparsity=sparsity)
+    head.fit(s_tr, np.asarray(train_y), s_va, np.asarray(val_y), n_classes=bank.num_classes)
+    train_y = np.asarray(train_y)
+    class_means = np.stack([s_tr[train_y == c].mean(0) for c in range(bank.num_classes)])
+    val_metrics = classification_metrics(np.asarray(val_y), head.predict_proba(s_va), bank.classes)
+    val_metrics["prior_strength"] = head.prior_strength_
+    val_metrics["prior_agreement"] = round(head.prior_agreement(), 4)
+    logger.info("fitted %s CBM with %d/%d concepts; validation %s", mode, len(keep), K, val_metrics)
+    return FittedCBM(sub_bank, grounding, head, s_tr.mean(0), class_means, report, dropped, val_metrics)
+
+
+def _subset_grounding(g: ConceptGrounding, keep: list[int]) -> ConceptGrounding:
+    idx = torch.as_tensor(keep, dtype=torch.long)
+    tensors = {k: v.index_select(0, idx) for k, v in g.tensors().items()}
+    return ConceptGrounding.from_tensors(g.mode, tensors)

@@ -1,0 +1,214 @@
+# Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
+"""The concept bottleneck network: image -> encoder -> grounding -> test-time edit -> linear head.
+
+``forward(image)`` returns class logits as one tensor, so MONAI's ``verify_net_in_out`` and
+``ckpt_export`` work. Concept scores, per-concept contributions and features are separate methods.
+The fitted parts (grounding, head, concept text embeddings, source statistics) are saved in one
+safetensors file with JSON metadata; the encoder weights live in an open_clip ``local-dir:`` folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .grounding import ConceptGrounding, TextGrounding
+from .head import KnowledgePriorHead
+
+__all__ = ["ConceptBottleneckClassifier", "save_cbm_state", "read_cbm_state", "CBM_FORMAT_VERSION"]
+
+logger = logging.getLogger(__name__)
+CBM_FORMAT_VERSION = "1"
+
+
+class ConceptBottleneckClassifier(torch.nn.Module):
+    """Knowledge-prior concept bottleneck model.
+
+    Args:
+        encoder: module mapping images ``(B, 3, H, W)`` to L2-normalised features ``(B, D)``;
+            ``None`` for a network that takes cached features (see :meth:`from_features`).
+        grounding: features -> concept scores ``(B, K)``.
+        head_weight: ``(C, K)`` linear head; ``head_bias``: ``(C,)``.
+        concept_ids: the ``K`` concept ids; ``class_names``: the ``C`` class names.
+        neutral: ``(K,)`` value a masked concept takes (its source-site mean); zeros by default.
+
+    Attributes:
+        targets: class names, in logit order (torchxrayvision naming).
+        concepts: concept ids, in score order.
+    """
+
+    def __init__(
+        self,
+        encoder: torch.nn.Module | None,
+        grounding: ConceptGrounding,
+        head_weight: torch.Tensor | np.ndarray,
+        head_bias: torch.Tensor | np.ndarray,
+        concept_ids: Sequence[str],
+        class_names: Sequence[str],
+        neutral: torch.Tensor | np.ndarray | None = None,
+    ):
+        super().__init__()
+        W = torch.as_tensor(np.asarray(head_weight), dtype=torch.float32)
+        b = torch.as_tensor(np.asarray(head_bias), dtype=torch.float32)
+        K = grounding.num_concepts
+        if W.shape != (len(class_names), K) or b.shape != (len(class_names),):
+            raise ValueError(
+                f"head weight {tuple(W.shape)} / bias {tuple(b.shape)} do not match "
+                f"{len(class_names)} classes x {K} concepts"
+            )
+        if len(concept_ids) != K:
+            raise ValueError(f"{len(concept_ids)} concept ids for a grounding with {K} concepts")
+        self.encoder = encoder
+        self.grounding = grounding
+        self.head = torch.nn.Linear(K, len(class_names))
+        with torch.no_grad():
+            self.head.weight.copy_(W)
+            self.head.bias.copy_(b)
+        self.concepts = list(concept_ids)
+        self.targets = list(class_names)
+        self.register_buffer("edit_mask", torch.zeros(K, dtype=torch.bool))
+        self.register_buffer("edit_gain", torch.ones(K))
+        neutral_t = torch.zeros(K) if neutral is None else torch.as_tensor(np.asarray(neutral), dtype=torch.float32)
+        self.register_buffer("neutral", neutral_t)
+
+    # ------------------------------------------------------------------ the data path
+    def features(self, image: torch.Tensor) -> torch.Tensor:
+        if self.encoder is None:
+            raise RuntimeError("this network has no encoder; pass features to the *_from_features methods")
+        return self.encoder(image)
+
+    def concept_scores_from_features(self, features: torch.Tensor, edited: bool = True) -> torch.Tensor:
+        scores = self.grounding(features)
+        if edited:
+            scores = torch.where(self.edit_mask, self.neutral.to(scores.dtype), scores * self.edit_gain)
+        return scores
+
+    def concept_scores(self, image: torch.Tensor, edited: bool = True) -> torch.Tensor:
+        """Concept scores ``(B, K)``, after the test-time edit unless ``edited=False``."""
+        return self.concept_scores_from_features(self.features(image), edited)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(B, C)``."""
+        return self.head(self.concept_scores(image))
+
+    def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(self.concept_scores_from_features(features))
+
+    def contributions_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """``(B, C, K)``: ``W[c, k] * a_k``; summed over ``k`` plus ``head.bias`` equals the logits."""
+        return scores[:, None, :] * self.head.weight[None, :, :]
+
+    def contributions(self, image: torch.Tensor) -> torch.Tensor:
+        return self.contributions_from_scores(self.concept_scores(image))
+
+    # ------------------------------------------------------------------ test-time edit
+    def set_edit(
+        self,
+        mask: Sequence[str] | torch.Tensor | None = None,
+        gain: dict[str, float] | torch.Tensor | None = None,
+    ) -> "ConceptBottleneckClassifier":
+        """Mask concepts (score -> ``neutral``) and/or scale them by a gain; by concept id or as K-vectors."""
+        K = len(self.concepts)
+        m = torch.zeros(K, dtype=torch.bool)
+        g = torch.ones(K)
+        if isinstance(mask, torch.Tensor):
+            m = mask.to(torch.bool).reshape(K)
+        elif mask:
+            for cid in mask:
+                m[self._concept_index(cid)] = True
+        if isinstance(gain, torch.Tensor):
+            g = gain.float().reshape(K)
+        elif gain:
+            for cid, factor in gain.items():
+                if not np.isfinite(factor) or factor < 0:
+                    raise ValueError(f"gain for concept {cid!r} must be a finite non-negative number, got {factor}")
+                g[self._concept_index(cid)] = float(factor)
+        self.edit_mask.copy_(m.to(self.edit_mask.device))
+        self.edit_gain.copy_(g.to(self.edit_gain.device))
+        return self
+
+    def reset_edit(self) -> "ConceptBottleneckClassifier":
+        return self.set_edit(None, None)
+
+    def _concept_index(self, cid: str) -> int:
+        try:
+            return self.concepts.index(cid)
+        except ValueError:
+            raise KeyError(f"unknown concept id {cid!r}; this model has {self.concepts}") from None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_head(
+        cls,
+        encoder: torch.nn.Module | None,
+        grounding: ConceptGrounding,
+        head: KnowledgePriorHead,
+        concept_ids: Sequence[str],
+        class_names: Sequence[str],
+        neutral: np.ndarray | None = None,
+    ) -> "ConceptBottleneckClassifier":
+        return cls(encoder, grounding, head.coef_, head.intercept_, concept_ids, class_names, neutral)
+
+
+def save_cbm_state(
+    path: str | Path,
+    network: ConceptBottleneckClassifier,
+    metadata: dict[str, Any],
+    text_embeddings: torch.Tensor | None = None,
+    extra_tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
+    """Write the fitted parts of ``network`` (not the encoder) to a safetensors file, atomically.
+
+    ``metadata`` must hold at least ``backbone_fingerprint``, ``concept_text_fingerprint`` and the
+    preprocessing; the grounding mode, concept ids and class names are added here.
+    """
+    path = Path(path)
+    tensors = {f"grounding.{k}": v for k, v in network.grounding.tensors().items()}
+    tensors["head.weight"] = network.head.weight.detach().cpu().contiguous()
+    tensors["head.bias"] = network.head.bias.detach().cpu().contiguous()
+    tensors["neutral"] = network.neutral.detach().cpu().contiguous()
+    if text_embeddings is not None:
+        tensors["text_embeddings"] = text_embeddings.detach().float().cpu().contiguous()
+    for k, v in (extra_tensors or {}).items():
+        tensors[f"extra.{k}"] = torch.as_tensor(v).detach().float().cpu().contiguous()
+    meta = dict(metadata)
+    meta.update(
+        format_version=CBM_FORMAT_VERSION,
+        grounding_mode=network.grounding.mode,
+        concept_ids=network.concepts,
+        class_names=network.targets,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file(tensors, str(tmp), metadata={"medcbm": json.dumps(meta)})
+    tmp.replace(path)
+    return path
+
+
+def read_cbm_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a file written by :func:`save_cbm_state`: ``(tensors, metadata)``. No pickle involved."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"concept bottleneck weights not found: {path}")
+    with safe_open(str(path), framework="pt") as f:
+        raw_meta = (f.metadata() or {}).get("medcbm")
+        if raw_meta is None:
+            raise ValueError(f"{path}: not a medcbm concept bottleneck file (no 'medcbm' metadata)")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return tensors, json.loads(raw_meta)
+
+
+def grounding_from_state(tensors: dict[str, torch.Tensor], mode: str) -> ConceptGrounding:
+    sub = {k[len("grounding."):]: v for k, v in tensors.items() if k.startswith("grounding.")}
+    return ConceptGrounding.from_tensors(mode, sub)
+
+
+def text_grounding_from_embeddings(text_embeddings: torch.Tensor) -> TextGrounding:
+    return TextGrounding(text_embeddings)

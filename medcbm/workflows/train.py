@@ -1,0 +1,176 @@
+# Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
+"""Re-fit job: a site's labelled CSVs -> a new ``models`` folder (grounding + knowledge-prior head).
+
+The backbone stays frozen; features are cached per (backbone, preprocessing, file content), so a
+second fit on the same images costs seconds. Concept-label columns (named by concept id, values
+0/1, yes/no, true/false, empty = unknown) switch grounding to ``probe``; without them concepts are
+grounded by text. Images that cannot be read are skipped and listed in ``fit_report.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..backbones import load_backbone
+from ..concepts import ConceptBank, load_concept_bank
+from ..data import InputRecord, list_inputs
+from ..features import FeatureCache, default_cache_dir, extract_features
+from ..fitting import fit_cbm
+from ..transforms import ClinicalImagePipeline
+from .infer import atomic_write_text
+from .loading import BACKBONE_DIR, default_backbone_spec, save_bundle_network
+
+__all__ = ["TrainingRunner", "concept_label_matrix", "parse_concept_label"]
+
+logger = logging.getLogger(__name__)
+_TRUE = {"1", "1.0", "yes", "true", "present", "y"}
+_FALSE = {"0", "0.0", "no", "false", "absent", "n"}
+
+
+def parse_concept_label(value: Any, where: str) -> float:
+    """0/1, yes/no, true/false (any case) -> 1.0 / 0.0; empty -> NaN; anything else is an error naming ``where``."""
+    text = "" if value is None else str(value).strip().lower()
+    if text in ("", "nan", "na", "unknown"):
+        return float("nan")
+    if text in _TRUE:
+        return 1.0
+    if text in _FALSE:
+        return 0.0
+    raise ValueError(f"{where}: concept label {value!r} must be 0/1, yes/no or empty")
+
+
+def concept_label_matrix(records: Sequence[InputRecord], bank: ConceptBank, source: str) -> np.ndarray | None:
+    """``(N, K)`` labels from CSV columns named by concept id; ``None`` when the CSV has none."""
+    columns = {k.strip().lower(): k for r in records[:1] for k in r.extra}
+    present = [cid for cid in bank.concept_ids if cid in columns]
+    if not present:
+        return None
+    out = np.full((len(records), bank.num_concepts), np.nan, dtype=np.float32)
+    for i, rec in enumerate(records):
+        for k, cid in enumerate(bank.concept_ids):
+            if cid in columns:
+                out[i, k] = parse_concept_label(rec.extra.get(columns[cid]), f"{source} row {i + 2} column {cid}")
+    return out
+
+
+class TrainingRunner:
+    """Fit grounding and head from ``train`` / ``val`` CSVs into ``output_dir``.
+
+    Args:
+        concepts_file: the bundle's concept bank.
+        train, val: CSVs with ``image``, ``label`` and optional concept-label columns. ``val`` selects
+            hyper-parameters and flags concepts that are no better than chance; keep a test split apart.
+        output_dir: the new models folder (``cbm.safetensors``, ``fit_report.json``, ``backbone/``).
+        models_dir: the bundle's models folder, whose backbone is the default.
+        backbone: open_clip spec overriding the backbone (e.g. ``hf-hub:yyupenn/whylesionclip``).
+        channel_mode: ``rgb`` or ``grey``.
+        grounding: ``auto`` (probe when concept labels exist), ``probe`` or ``text``.
+        prior_strength: candidate weights of the knowledge prior, chosen on ``val``.
+        cache_dir: feature cache folder (default ``~/.cache/medcbm/features``).
+    """
+
+    def __init__(
+        self,
+        concepts_file: str | Path,
+        train: str | Path,
+        val: str | Path,
+        output_dir: str | Path,
+        models_dir: str | Path,
+        backbone: str | None = None,
+        pretrained: str | None = None,
+        channel_mode: str = "rgb",
+        grounding: str = "auto",
+        prior_strength: Sequence[float] = (0.0, 0.01, 0.1, 1.0),
+        cache_dir: str | Path | None = None,
+        batch_size: int = 32,
+        trained_on: str = "",
+    ):
+        if not train or not val or str(train) == "None" or str(val) == "None":
+            raise ValueError("train.yaml needs --train TRAIN.csv and --val VAL.csv (columns image, label)")
+        self.concepts_file = concepts_file
+        self.train, self.val = Path(train), Path(val)
+        self.output_dir = Path(output_dir)
+        self.models_dir = Path(models_dir)
+        self.backbone = backbone
+        self.pretrained = pretrained
+        self.channel_mode = channel_mode
+        self.grounding = grounding
+        self.prior_strength = list(prior_strength)
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.batch_size = batch_size
+        self.trained_on = trained_on
+
+    def _split(self, csv_path: Path, bank: ConceptBank, pipeline, bk, cache) -> dict[str, Any]:
+        records = list_inputs(csv_path)
+        labels = []
+        for i, r in enumerate(records):
+            if r.label is None:
+                raise ValueError(f"{csv_path} row {i + 2}: missing label for {r.image}")
+            try:
+                labels.append(bank.class_index(r.label))
+            except KeyError as e:
+                raise ValueError(f"{csv_path} row {i + 2}: {e.args[0]}") from None
+        concepts = concept_label_matrix(records, bank, str(csv_path))
+        res = extract_features([r.path for r in records], bk.image_encoder(), pipeline, cache, self.batch_size)
+        errors = {records[i].image: msg for i, msg in res.errors.items()}
+        for msg in errors.values():
+            logger.warning("skipping unreadable image: %s", msg)
+        y = np.asarray(labels)[res.ok]
+        return {
+            "features": res.features,
+            "y": y,
+            "concepts": None if concepts is None else concepts[res.ok],
+            "errors": errors,
+            "n": len(records),
+        }
+
+    def run(self) -> dict[str, Any]:
+        t0 = time.time()
+        bank = load_concept_bank(self.concepts_file)
+        spec = self.backbone or default_backbone_spec(self.models_dir)
+        bk = load_backbone(spec, pretrained=self.pretrained)
+        pipeline = ClinicalImagePipeline(self.channel_mode, bk.image_size, bk.mean, bk.std)
+        cache = FeatureCache(self.cache_dir, bk.fingerprint, pipeline.fingerprint())
+        tr = self._split(self.train, bank, pipeline, bk, cache)
+        va = self._split(self.val, bank, pipeline, bk, cache)
+        text_embeddings = bk.encode_texts(bank.texts)
+        fitted = fit_cbm(
+            bank, tr["features"], tr["y"], va["features"], va["y"], tr["concepts"], va["concepts"],
+            mode=self.grounding, text_embeddings=text_embeddings, prior_strength=self.prior_strength,
+        )
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if not self.backbone:  # a models folder must stand alone: carry the bundle's backbone along
+            src, dst = self.models_dir / BACKBONE_DIR, self.output_dir / BACKBONE_DIR
+            if src.resolve() != dst.resolve():
+                shutil.copytree(src, dst, dirs_exist_ok=True)
+        keep = [bank.concept_ids.index(c) for c in fitted.bank.concept_ids]
+        summary = {
+            "trained_on": self.trained_on or f"{self.train.name} / {self.val.name}",
+            "n_train": int(len(tr["y"])),
+            "n_val": int(len(va["y"])),
+        }
+        save_bundle_network(self.output_dir, fitted, bk, self.channel_mode,
+                            text_embeddings=text_embeddings[keep], summary=summary)
+        report = {
+            **summary,
+            "backbone": spec if not spec.startswith("local-dir:") else "bundle backbone (local-dir)",
+            "grounding": fitted.grounding.mode,
+            "concepts_kept": fitted.bank.concept_ids,
+            "concepts_dropped": fitted.dropped,
+            "grounding_report": [r.to_dict() for r in fitted.report],
+            "head_selection": fitted.head.selection_,
+            "val_metrics": fitted.val_metrics,
+            "unreadable_images": {**tr["errors"], **va["errors"]},
+            "feature_cache": {"hits": cache.hits, "misses": cache.misses},
+            "seconds": round(time.time() - t0, 1),
+        }
+        atomic_write_text(self.output_dir / "fit_report.json", json.dumps(report, indent=2))
+        logger.info("wrote %s (validation %s)", self.output_dir, fitted.val_metrics)
+        return report

@@ -1,0 +1,425 @@
+# Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
+"""Measured ABCD features: segmentation, measures, thresholds, the ISIC 2017 manifest, the derm concept bank."""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from medcbm.concepts import load_concept_bank
+from medcbm.datasets import dermoscopy_features as df
+
+REPO = Path(__file__).resolve().parents[1]
+DERM_BANK = REPO / "bundles" / "derm_cbm" / "configs" / "concepts.yaml"
+H = W = 256
+SKIN = (222, 184, 165)
+BROWN = (120, 72, 45)
+
+
+# ---- synthetic images ------------------------------------------------------------------------------
+
+
+def _grid() -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:H, 0:W]
+    return yy - (H - 1) / 2.0, xx - (W - 1) / 2.0
+
+
+def _ellipse(ry: float = 45, rx: float = 65, cy: float = 0, cx: float = 0) -> np.ndarray:
+    yy, xx = _grid()
+    return ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+
+
+def _paint(mask: np.ndarray, colour=BROWN, background=SKIN, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = np.empty((H, W, 3), dtype=np.float64)
+    img[:] = background
+    img[mask] = colour
+    img += rng.normal(0, 3.0, img.shape)  # mild sensor noise
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return float((a & b).sum()) / max(float((a | b).sum()), 1.0)
+
+
+def _irregular_blob() -> np.ndarray:
+    yy, xx = _grid()
+    theta = np.arctan2(yy, xx)
+    radius = 55 + 14 * np.sin(7 * theta) + 9 * np.sin(3 * theta + 1.0) + 6 * np.cos(11 * theta)
+    return np.hypot(yy, xx) <= radius
+
+
+def _lopsided() -> np.ndarray:
+    return _ellipse(40, 40) | _ellipse(22, 30, cy=30, cx=45)
+
+
+def _vignetted(img: np.ndarray) -> np.ndarray:
+    """Darken outside a centred circle to near-black corners, as a dermoscope's vignetting does."""
+    yy, xx = _grid()
+    r = np.hypot(yy, xx) / (W / 2.0)
+    gain = np.clip(1.0 - (r - 0.9) / 0.25, 0.06, 1.0)
+    return np.clip(img * gain[..., None], 0, 255).astype(np.uint8)
+
+
+# ---- segmentation ----------------------------------------------------------------------------------
+
+
+def test_segment_dark_ellipse_on_skin():
+    truth = _ellipse()
+    mask, info = df.segment_lesion(_paint(truth), return_info=True)
+    assert mask.dtype == bool and mask.shape == (H, W)
+    assert info["ok"]
+    assert _iou(mask, truth) > 0.9
+
+
+def test_segmentation_ignores_dark_corners():
+    truth = _ellipse(30, 38)
+    img = _vignetted(_paint(truth))
+    mask, info = df.segment_lesion(img, return_info=True)
+    assert info["ok"]
+    assert _iou(mask, truth) > 0.85
+    corners = np.zeros((H, W), dtype=bool)
+    for sy in (slice(0, 30), slice(H - 30, H)):
+        for sx in (slice(0, 30), slice(W - 30, W)):
+            corners[sy, sx] = True
+    assert not (mask & corners).any()
+    assert not info["fov"][corners].any()  # the corners are recognised as outside the field of view
+
+
+def test_segmentation_prefers_central_lesion_over_border_blob():
+    truth = _ellipse(30, 30)
+    img = _paint(truth)
+    edge = _ellipse(25, 25, cy=-110, cx=-110)  # a dark smudge in a corner
+    img[edge] = (60, 40, 30)
+    mask = df.segment_lesion(img)
+    assert _iou(mask, truth) > 0.85
+
+
+@pytest.mark.parametrize(
+    "img",
+    [
+        np.full((H, W, 3), 200, dtype=np.uint8),  # flat skin, no lesion
+        np.zeros((H, W, 3), dtype=np.uint8),  # all black
+        np.full((H, W, 3), np.nan),  # garbage floats
+    ],
+    ids=["flat", "black", "nan"],
+)
+def test_segmentation_fallback_never_crashes(img):
+    mask, info = df.segment_lesion(img, return_info=True)
+    assert not info["ok"] and info["reason"]
+    assert mask.shape == (H, W) and mask.any()
+    m = df.measure_abcd(img)
+    assert m["segmentation_ok"] is False
+    assert all(math.isfinite(m[k]) for k in df.MEASURE_KEYS)
+
+
+def test_segment_accepts_float_and_grey_input():
+    truth = _ellipse()
+    img = _paint(truth)
+    assert _iou(df.segment_lesion(img.astype(np.float32) / 255.0), truth) > 0.9
+    grey = img.mean(axis=-1).astype(np.uint8)
+    assert _iou(df.segment_lesion(grey), truth) > 0.9
+
+
+# ---- measures --------------------------------------------------------------------------------------
+
+
+def test_measures_keys_and_ranges():
+    m = df.measure_abcd(_paint(_ellipse()))
+    for k in df.MEASURE_KEYS:
+        assert isinstance(m[k], float), k
+        assert math.isfinite(m[k]), k
+    assert isinstance(m["segmentation_ok"], bool) and m["segmentation_ok"]
+    for k in ("asymmetry", "asymmetry_max", "border_irregularity", "area_fraction"):
+        assert 0.0 <= m[k] <= 1.0
+    assert 0.0 <= sum(m[f"frac_{c}"] for c in df.ABCD_COLOURS) <= 1.0 + 1e-9
+    assert m["area_fraction"] == pytest.approx(_ellipse().mean(), rel=0.1)
+
+
+def test_symmetric_ellipse_has_low_asymmetry():
+    m = df.measure_abcd(_paint(_ellipse(40, 70)))
+    assert m["asymmetry"] < 0.05
+    assert m["asymmetry_max"] < 0.08
+
+
+def test_lopsided_shape_more_asymmetric_than_ellipse():
+    ell = df.measure_abcd(_paint(_ellipse(40, 70)))
+    lop = df.measure_abcd(_paint(_lopsided()))
+    assert lop["asymmetry"] > ell["asymmetry"] + 0.1
+
+
+def test_irregular_blob_has_higher_border_irregularity():
+    ell = df.measure_abcd(_paint(_ellipse()))
+    blob = df.measure_abcd(_paint(_irregular_blob()))
+    assert blob["border_irregularity"] > ell["border_irregularity"] + 0.1
+
+
+def test_blue_grey_patch_detected():
+    lesion = _ellipse(50, 60)
+    img = _paint(lesion)
+    patch = lesion & _ellipse(25, 30, cx=20)
+    img[patch] = (95, 105, 125)  # slate blue-grey
+    m = df.measure_abcd(img)
+    assert m["segmentation_ok"]
+    assert m["frac_blue_grey"] > 0.2
+    plain = df.measure_abcd(_paint(lesion))
+    assert plain["frac_blue_grey"] < 0.02
+    labels = df.abcd_concept_labels(m, df.fit_abcd_thresholds([plain, m]))
+    assert labels["blue_grey_areas"] == 1.0
+
+
+def test_colour_rules_on_reference_pixels():
+    from skimage.color import rgb2lab
+
+    skin_l = 75.0
+    refs = {
+        "black": (20, 15, 15),
+        "dark_brown": (95, 55, 30),
+        "light_brown": (170, 115, 70),
+        "blue_grey": (90, 100, 120),
+        "red": (190, 60, 60),
+        "white": (245, 245, 245),
+    }
+    lab = rgb2lab(np.array([list(refs.values())], dtype=np.float64) / 255.0)[0]
+    got = df.classify_colours(lab, skin_l)
+    assert [df.ABCD_COLOURS[i] for i in got] == list(refs)
+    assert set(df.COLOUR_RULES) == set(df.ABCD_COLOURS)
+
+
+def test_multicoloured_lesion_counts_colours():
+    lesion = _ellipse(60, 70)
+    img = _paint(lesion, colour=(170, 115, 70))  # light brown
+    yy, xx = _grid()
+    img[lesion & (xx < -25)] = (70, 40, 25)  # dark brown
+    img[lesion & (xx > 30)] = (90, 100, 120)  # blue-grey
+    img[lesion & (yy > 30) & (np.abs(xx) < 20)] = (15, 12, 12)  # black
+    m = df.measure_abcd(img)
+    assert m["colour_count"] >= 3
+    one = df.measure_abcd(_paint(lesion, colour=(170, 115, 70)))
+    assert one["colour_count"] <= 2
+
+
+def test_measure_with_given_mask():
+    truth = _ellipse()
+    m = df.measure_abcd(_paint(truth), mask=truth)
+    assert m["area_fraction"] == pytest.approx(truth.mean())
+    assert m["segmentation_ok"]
+
+
+# ---- thresholds and labels -------------------------------------------------------------------------
+
+
+def _fake_measures(n: int, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        m = {k: float(rng.uniform(0, 1)) for k in df.MEASURE_KEYS}
+        m["colour_count"] = float(rng.integers(1, 6))
+        m["frac_dark_brown_or_black"] = m["frac_dark_brown"] + m["frac_black"]
+        m["segmentation_ok"] = True
+        out.append(m)
+    return out
+
+
+def test_fit_thresholds_percentiles_and_floor():
+    train = _fake_measures(200)
+    thr = df.fit_abcd_thresholds(train)
+    assert set(df.MEASURED_CONCEPTS.values()) <= set(thr)
+    assert thr["colour_count"] == 2.5
+    vals = np.array([m["asymmetry"] for m in train])
+    assert thr["asymmetry"] == pytest.approx(np.percentile(vals, df.DEFAULT_PERCENTILES["asymmetry"]))
+    zeros = [dict(m, frac_white=0.0) for m in train]
+    assert df.fit_abcd_thresholds(zeros)["frac_white"] == df.COLOUR_PRESENCE_FRACTION
+    custom = df.fit_abcd_thresholds(train, percentiles={"asymmetry": 90.0})
+    assert custom["asymmetry"] > thr["asymmetry"]
+    failed = [dict(m, segmentation_ok=False, asymmetry=100.0) for m in train[:5]]
+    assert df.fit_abcd_thresholds(train + failed)["asymmetry"] == pytest.approx(thr["asymmetry"])
+    with pytest.raises(ValueError):
+        df.fit_abcd_thresholds([])
+
+
+def test_concept_labels_binary_and_unknown_when_failed():
+    train = _fake_measures(100)
+    thr = df.fit_abcd_thresholds(train)
+    lab = df.abcd_concept_labels(train[0], thr)
+    assert set(lab) == set(df.MEASURED_CONCEPTS)
+    assert all(v in (0.0, 1.0) for v in lab.values())
+    assert df.abcd_concept_labels(dict(train[0], colour_count=3.0), thr)["multiple_colours"] == 1.0
+    assert df.abcd_concept_labels(dict(train[0], colour_count=2.0), thr)["multiple_colours"] == 0.0
+    failed = dict(train[0], segmentation_ok=False)
+    assert all(math.isnan(v) for v in df.abcd_concept_labels(failed, thr).values())
+    assert all(v in (0.0, 1.0) for v in df.abcd_concept_labels(failed, thr, unknown_if_failed=False).values())
+    with pytest.raises(KeyError):
+        df.abcd_concept_labels(train[0], {"asymmetry": 0.1})
+
+
+# ---- ISIC 2017 manifest on a tiny fake copy --------------------------------------------------------
+
+
+def _fake_isic(root: Path, n_train: dict[str, int], n_val: dict[str, int]) -> Path:
+    folder = root / "isic2017_256"
+    rows = []
+    k = 0
+    for split, counts in (("train", n_train), ("val", n_val)):
+        (folder / "images" / split).mkdir(parents=True, exist_ok=True)
+        for cls, n in counts.items():
+            for _ in range(n):
+                iid = f"ISIC_{k:07d}"
+                rel = f"images/{split}/{iid}.png"
+                shape = _ellipse(25 + (k % 5) * 6, 35 + (k % 7) * 4) if k % 3 else _lopsided()
+                Image.fromarray(_paint(shape, seed=k)).save(folder / rel)
+                rows.append(
+                    {"image_id": iid, "file": rel, "split": split, "diagnosis": cls,
+                     "age_approximate": str(30 + k % 40), "sex": "female" if k % 2 else "male"}
+                )
+                k += 1
+    with open(folder / "labels.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return folder
+
+
+def test_isic2017_records_splits_cache_and_thresholds(tmp_path, monkeypatch):
+    folder = _fake_isic(
+        tmp_path,
+        {"nevus": 10, "melanoma": 6, "seborrheic_keratosis": 4},
+        {"nevus": 2, "melanoma": 1, "seborrheic_keratosis": 1},
+    )
+    cache = tmp_path / "cache"
+    recs, thr = df.isic2017_records(
+        root=tmp_path, cache_dir=cache, val_fraction=0.25, seed=0, return_thresholds=True
+    )
+    assert len(recs) == 24
+    by_split = {s: [r for r in recs if r["split"] == s] for s in ("train", "val", "test")}
+    assert len(by_split["test"]) == 4  # the dataset's own val split is the held-out test
+    val_counts = {c: sum(r["label"] == c for r in by_split["val"]) for c in df.ISIC2017_CLASSES}
+    assert val_counts == {"nevus": 2, "melanoma": 2, "seborrheic_keratosis": 1}  # stratified, round(n * 0.25)
+    r0 = recs[0]
+    assert Path(r0["image"]).is_absolute() and Path(r0["image"]).is_file()
+    keys = ("label", "split", "sha256", "image_id", "segmentation_ok", *df.MEASURE_KEYS, *df.MEASURED_CONCEPTS)
+    for key in keys:
+        assert key in r0, key
+    assert thr == df.fit_abcd_thresholds(by_split["train"])  # fitted on the carved train part only
+    assert (cache / "isic2017_abcd.csv").is_file()
+    assert not list(cache.glob("*.tmp"))
+
+    # deterministic carve, splits filter
+    again = df.isic2017_records(root=folder, cache_dir=cache, val_fraction=0.25, seed=0, splits=("val",))
+    assert [r["image_id"] for r in again] == [r["image_id"] for r in by_split["val"]]
+    other = df.isic2017_records(root=folder, cache_dir=cache, val_fraction=0.25, seed=1, splits="val")
+    assert {r["image_id"] for r in other} != {r["image_id"] for r in by_split["val"]}
+
+    # cached: nothing is re-measured; a changed file is
+    calls = []
+    real = df.measure_abcd
+
+    def counting(rgb, mask=None):
+        calls.append(1)
+        return real(rgb, mask)
+
+    monkeypatch.setattr(df, "measure_abcd", counting)
+    df.isic2017_records(root=folder, cache_dir=cache, val_fraction=0.25)
+    assert calls == []
+    changed = Path(by_split["test"][0]["image"])
+    Image.fromarray(_paint(_irregular_blob(), seed=99)).save(changed)
+    recs2 = df.isic2017_records(root=folder, cache_dir=cache, val_fraction=0.25)
+    assert len(calls) == 1
+    new = next(r for r in recs2 if r["image"] == str(changed))
+    assert new["sha256"] != by_split["test"][0]["sha256"]
+    with pytest.raises(ValueError):
+        df.isic2017_records(root=folder, cache_dir=cache, splits=("holdout",))
+
+
+def test_cache_of_other_version_is_ignored(tmp_path, monkeypatch):
+    _fake_isic(tmp_path, {"nevus": 3, "melanoma": 2, "seborrheic_keratosis": 2}, {"nevus": 1})
+    cache = tmp_path / "cache"
+    df.isic2017_records(root=tmp_path, cache_dir=cache)
+    monkeypatch.setattr(df, "MEASURE_VERSION", "999")
+    calls = []
+    real = df.measure_abcd
+    monkeypatch.setattr(df, "measure_abcd", lambda rgb, mask=None: calls.append(1) or real(rgb, mask))
+    df.isic2017_records(root=tmp_path, cache_dir=cache)
+    assert len(calls) == 8
+
+
+def test_train_copy_of_a_test_image_is_dropped(tmp_path):
+    import shutil
+
+    counts = {"nevus": 4, "melanoma": 3, "seborrheic_keratosis": 2}
+    folder = _fake_isic(tmp_path, counts, {"nevus": 1, "melanoma": 1})
+    with open(folder / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    test_row = next(r for r in rows if r["split"] == "val")
+    train_row = next(r for r in rows if r["split"] == "train")
+    shutil.copyfile(folder / test_row["file"], folder / train_row["file"])
+    recs = df.isic2017_records(root=folder, cache_dir=tmp_path / "cache")
+    ids = {r["image_id"] for r in recs}
+    assert test_row["image_id"] in ids and train_row["image_id"] not in ids
+    assert len(recs) == len(rows) - 1
+    assert len({r["sha256"] for r in recs}) == len(recs)
+
+
+# ---- concept bank ----------------------------------------------------------------------------------
+
+
+def test_derm_concept_bank_loads_with_measured_ids():
+    bank = load_concept_bank(DERM_BANK)
+    assert bank.classes == ["nevus", "melanoma", "seborrheic_keratosis"]
+    assert set(df.MEASURED_CONCEPTS) <= set(bank.concept_ids)
+    assert 16 <= bank.num_concepts <= 24
+    class_words = re.compile(r"melanom|\bnevus|\bnevi\b|\bnaev|kerato|seborr|\bmole|malignan|benign|cancer", re.I)
+    for c in bank.concepts:
+        assert not class_words.search(c.text), c.id
+        assert c.quote, c.id
+    assert set(np.unique(bank.prior)) <= {-1, 0, 1}
+    mel = bank.prior[bank.class_index("melanoma")]
+    ids = bank.concept_ids
+    for cid in ("asymmetric_shape", "irregular_border", "multiple_colours", "blue_grey_areas"):
+        assert mel[ids.index(cid)] == 1
+    assert bank.prior[bank.class_index("seborrheic_keratosis"), ids.index("milia_like_cysts")] == 1
+    assert all(v == 0 for v in bank.prior[:, ids.index("ruler_or_ink_marks")])
+
+
+# ---- real data -------------------------------------------------------------------------------------
+
+
+def _isic_folder() -> Path | None:
+    from medcbm.datasets.paths import shared_data_root
+
+    root = shared_data_root()
+    if root is None or not (root / "isic2017_256" / "labels.csv").is_file():
+        return None
+    return root / "isic2017_256"
+
+
+@pytest.mark.skipif(
+    _isic_folder() is None,
+    reason="ISIC 2017 data not present (set MEDCBM_SHARED_DATA or place it at <repo>/../shared/data/isic2017_256)",
+)
+def test_real_isic_images_measure_sensibly():
+    folder = _isic_folder()
+    with open(folder / "labels.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    picked = rows[::len(rows) // 20][:20]
+    results = []
+    for r in picked:
+        with Image.open(folder / r["file"]) as im:
+            rgb = np.asarray(im.convert("RGB"))
+        mask, info = df.segment_lesion(rgb, return_info=True)
+        m = df.measure_abcd(rgb, mask=mask if info["ok"] else None)
+        assert all(math.isfinite(m[k]) for k in df.MEASURE_KEYS), r["image_id"]
+        results.append((info["ok"], m))
+    ok = [m for good, m in results if good]
+    assert len(ok) >= 18, f"segmentation failed on {20 - len(ok)} of 20 real images"
+    area = np.array([m["area_fraction"] for m in ok])
+    assert (area > 0.005).all() and (area < 0.9).all()
+    assert np.median(area) > 0.03
+    colours = np.array([m["colour_count"] for m in ok])
+    assert colours.min() >= 1  # a pigmented lesion shows at least one ABCD colour
