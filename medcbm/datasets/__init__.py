@@ -40,3 +40,7 @@ __all__ = [
     "nih_cxr14_records",
     "nih_cxr14_overlap_dropped",
 ]
+
+from .dermoscopy_features import isic2017_records  # noqa: E402
+
+__all__ += ["isic2017_records"]

@@ -1,0 +1,57 @@
+# Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
+"""Shared pieces of the benchmark scripts: cached features of a bundle backbone over a staged dataset."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from medcbm.backbones import load_backbone  # noqa: E402
+from medcbm.concepts import load_concept_bank  # noqa: E402
+from medcbm.features import FeatureCache, default_cache_dir, extract_features  # noqa: E402
+from medcbm.pretrain import dataset_records, records_to_arrays  # noqa: E402
+from medcbm.transforms import ClinicalImagePipeline  # noqa: E402
+
+BUNDLES = {
+    "blood_cbm": {"dataset": "pbc_wbcatt", "dataset_args": {"include_extra": True}, "channel_mode": "rgb"},
+    "cxr_cbm": {"dataset": "nih_cxr14", "dataset_args": {}, "channel_mode": "grey"},
+    "derm_cbm": {"dataset": "isic2017", "dataset_args": {}, "channel_mode": "rgb"},
+}
+
+
+def bundle_split_features(bundle: str, backbone: str | None = None, cache_dir: str | None = None) -> dict:
+    """Features, class indices and concept labels per split for a bundle's dataset and backbone."""
+    spec = BUNDLES[bundle]
+    bank = load_concept_bank(REPO / "bundles" / bundle / "configs" / "concepts.yaml")
+    bk = load_backbone(backbone or f"local-dir:{REPO / 'bundles' / bundle / 'models' / 'backbone'}")
+    pipe = ClinicalImagePipeline(spec["channel_mode"], bk.image_size, bk.mean, bk.std)
+    cache = FeatureCache(cache_dir or default_cache_dir(), bk.fingerprint, pipe.fingerprint())
+    records = dataset_records(spec["dataset"], **spec["dataset_args"])
+    out = {"bank": bank, "backbone": bk, "splits": {}}
+    for split in ("train", "val", "test"):
+        recs = [r for r in records if r["split"] == split]
+        res = extract_features([r["image"] for r in recs], bk.image_encoder(), pipe, cache)
+        if res.errors:
+            raise RuntimeError(f"unreadable images in {bundle}/{split}: {res.errors}")
+        y, c = records_to_arrays(recs, bank)
+        out["splits"][split] = {"X": res.features, "y": y, "C": c, "records": recs}
+    out["cache"] = {"hits": cache.hits, "misses": cache.misses}
+    return out
+
+
+def nan_safe(x):
+    if isinstance(x, dict):
+        return {k: nan_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [nan_safe(v) for v in x]
+    if isinstance(x, (float, np.floating)):
+        return None if np.isnan(x) else round(float(x), 4)
+    if isinstance(x, np.integer):
+        return int(x)
+    return x

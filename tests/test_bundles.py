@@ -1,0 +1,191 @@
+# Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
+"""The three bundles through MONAI's bundle runner: real images, synthetic DICOM/NIfTI, bad inputs, resume."""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO
+from medcbm.data import write_synthetic_dicom
+from medcbm.datasets.paths import shared_data_root
+
+BUNDLES = {
+    "blood_cbm": ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"],
+    "cxr_cbm": ["normal", "abnormal"],
+    "derm_cbm": ["nevus", "melanoma", "seborrheic_keratosis"],
+}
+REAL = {
+    "blood_cbm": "pbc_wbcatt/images/test/neutrophil",
+    "cxr_cbm": "nih_cxr14_multires/images/256px",
+    "derm_cbm": "isic2017_256/images/val",
+}
+DATA = shared_data_root()
+needs_data = pytest.mark.skipif(DATA is None, reason="../shared/data not present (set MEDCBM_SHARED_DATA)")
+
+
+def _workflow(bundle: str, config: str = "inference.yaml", workflow_type: str = "infer", **override):
+    from monai.bundle import ConfigWorkflow
+
+    root = REPO / "bundles" / bundle
+    wf = ConfigWorkflow(
+        config_file=str(root / "configs" / config),
+        meta_file=str(root / "configs" / "metadata.json"),
+        logging_file=False,
+        workflow_type=workflow_type,
+        bundle_root=str(root),
+        **override,
+    )
+    wf.initialize()
+    return wf
+
+
+def _read(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _run_infer(bundle, **override) -> list[dict]:
+    wf = _workflow(bundle, **override)
+    wf.evaluator.exit_on_error = False
+    wf.run()
+    return _read(os.path.join(override["output_dir"], "predictions.csv"))
+
+
+@pytest.mark.parametrize("bundle", list(BUNDLES))
+def test_infer_properties_and_net_in_out(bundle):
+    from monai.bundle import verify_net_in_out
+
+    wf = _workflow(bundle)
+    assert wf.check_properties() in ([], None)
+    root = REPO / "bundles" / bundle
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(root / "configs" / "metadata.json"),
+        config_file=str(root / "configs" / "inference.yaml"),
+        bundle_root=str(root),
+        n=2,
+    )
+
+
+@pytest.mark.parametrize("bundle", list(BUNDLES))
+def test_default_run_on_generated_samples(bundle, tmp_path):
+    rows = _run_infer(bundle, output_dir=str(tmp_path / "out"))
+    assert rows and all(r["status"] == "ok" for r in rows)
+    assert all(r["sample"] == "true" for r in rows)
+    for r in rows:
+        probs = [float(r[f"prob_{c}"]) for c in BUNDLES[bundle]]
+        assert abs(sum(probs) - 1) < 1e-4 and r["prediction"] in BUNDLES[bundle]
+        assert float(r["probability"]) == pytest.approx(max(probs), abs=1e-6)
+        pairs = r["top_concepts"].split(";")
+        assert 1 <= len(pairs) <= 5
+        values = [float(p.split("=")[1]) for p in pairs]
+        assert values == sorted(values, reverse=True)
+
+
+@needs_data
+@pytest.mark.parametrize("bundle", list(BUNDLES))
+def test_real_images_with_synthetic_dicom_nifti_and_bad_inputs(bundle, tmp_path):
+    src = DATA / REAL[bundle]
+    real = sorted(p for p in src.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:3]
+    grey = bundle == "cxr_cbm"
+    rng = np.random.default_rng(0)
+    base = (rng.random((64, 72)) * 3000).astype(np.uint16)
+    write_synthetic_dicom(tmp_path / "mono1.dcm", base, photometric="MONOCHROME1", bits=16)
+    write_synthetic_dicom(tmp_path / "mono2.dcm", base, photometric="MONOCHROME2", bits=16)
+    nib.save(nib.Nifti1Image(rng.random((48, 40)).astype(np.float32), np.eye(4)), str(tmp_path / "slice.nii.gz"))
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    (tmp_path / "notes.txt").write_text("not an image")
+    images = [str(p) for p in real] + ["mono1.dcm", "mono2.dcm", "slice.nii.gz", "corrupt.png", "missing.jpg",
+                                       "notes.txt"]
+    with open(tmp_path / "input.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "label"])
+        for im in images:
+            w.writerow([im, ""])
+    rows = _run_infer(bundle, input=str(tmp_path / "input.csv"), output_dir=str(tmp_path / "out"))
+    assert [r["image"] for r in rows] == images  # input order, one row each
+    status = {r["image"]: r for r in rows}
+    for im in images[:-3]:
+        assert status[im]["status"] == "ok", status[im]["error"]
+    for bad, reason in (("corrupt.png", "corrupt"), ("missing.jpg", "not found"), ("notes.txt", "unsupported")):
+        assert status[bad]["status"] == "error"
+        assert bad in status[bad]["error"] and reason in status[bad]["error"]
+    # MONOCHROME1 is the inverted rendering of the same pixels: the model must not see identical inputs
+    assert status["mono1.dcm"]["prob_" + BUNDLES[bundle][0]] != status["mono2.dcm"]["prob_" + BUNDLES[bundle][0]]
+    del grey
+
+
+def test_rerun_resumes_and_keeps_finished_rows(tmp_path):
+    out = tmp_path / "out"
+    first = _run_infer("blood_cbm", output_dir=str(out))
+    # simulate an interrupted run: drop the last row, tamper with a kept one to see it is not recomputed
+    rows = first[:-1]
+    rows[0]["probability"] = "0.123456"
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(first[0]))
+        w.writeheader()
+        w.writerows(rows)
+    second = _run_infer("blood_cbm", output_dir=str(out))
+    assert len(second) == len(first)
+    assert second[0]["probability"] == "0.123456"  # kept, not recomputed
+    assert second[-1] == first[-1]  # the missing row was computed
+
+
+@needs_data
+def test_cli_exit_status_and_error_rows(tmp_path):
+    """The contract command from the repo root: non-zero exit when a row fails, all rows written."""
+    img = next((DATA / REAL["blood_cbm"]).glob("*.jpg"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(img, folder / "cell.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    b = "bundles/blood_cbm"
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", b, "--config_file", f"{b}/configs/inference.yaml",
+           "--meta_file", f"{b}/configs/metadata.json", "--workflow_type", "infer", "--input", str(folder),
+           "--output_dir", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    rows = _read(tmp_path / "out" / "predictions.csv")
+    assert {os.path.basename(r["image"]): r["status"] for r in rows} == {"broken.jpg": "error", "cell.jpg": "ok"}
+    assert "1 of 2 inputs failed" in proc.stderr
+
+
+@needs_data
+def test_train_workflow_refits_from_csv(tmp_path):
+    """train.yaml on a small site CSV (with concept columns) writes a models folder that inference can use."""
+    from medcbm.datasets import pbc_wbcatt_records
+    from medcbm.datasets.export import write_split_csvs
+    from medcbm.concepts import load_concept_bank
+
+    bank = load_concept_bank(REPO / "bundles" / "blood_cbm" / "configs" / "concepts.yaml")
+    recs = pbc_wbcatt_records(splits=("train", "val"))
+    small = [r for r in recs if r["split"] == "train"][::6] + [r for r in recs if r["split"] == "val"][::3]
+    write_split_csvs(small, bank.concept_ids, tmp_path / "csv")
+    models = tmp_path / "models"
+    wf = _workflow("blood_cbm", "train.yaml", "train", train=str(tmp_path / "csv" / "train.csv"),
+                   val=str(tmp_path / "csv" / "val.csv"), output_dir=str(models), cache_dir=str(tmp_path / "cache"))
+    wf.run()
+    report = __import__("json").loads((models / "fit_report.json").read_text())
+    assert report["grounding"] == "probe" and report["val_metrics"]["accuracy"] > 0.5
+    assert (models / "cbm.safetensors").is_file() and (models / "backbone" / "open_clip_config.json").is_file()
+    rows = _run_infer("blood_cbm", models_dir=str(models), output_dir=str(tmp_path / "out"))
+    assert all(r["status"] == "ok" for r in rows)
+
+
+def test_backbone_override_falls_back_to_zero_shot(tmp_path, tiny_backbone_spec):
+    """Another backbone makes the stored fit stale: text grounding + prior head, same concepts and classes."""
+    wf = _workflow("cxr_cbm", output_dir=str(tmp_path / "out"), backbone=tiny_backbone_spec)
+    net = wf.network_def
+    assert net.model_info["fit"] == "zero-shot prior head"
+    assert net.targets == BUNDLES["cxr_cbm"]
+    with torch.no_grad():
+        assert net(torch.rand(1, 3, 32, 32)).shape == (1, 2)
