@@ -29,6 +29,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from medcbm.concepts import load_concept_bank  # noqa: E402
+from medcbm.metrics import auroc  # noqa: E402
 from medcbm.datasets.dermoscopy_features import (  # noqa: E402
     ISIC2017_CLASSES,
     MEASURE_KEYS,
@@ -42,22 +43,8 @@ BANK = REPO / "bundles" / "derm_cbm" / "configs" / "concepts.yaml"
 
 
 def _auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """Mann-Whitney AUC: probability that a positive scores above a negative (ties count half)."""
-    if not len(pos) or not len(neg):
-        return float("nan")
-    allv = np.concatenate([pos, neg])
-    order = allv.argsort(kind="mergesort")
-    ranks = np.empty(len(allv), dtype=np.float64)
-    sorted_v = allv[order]
-    i = 0
-    while i < len(allv):  # average ranks over ties
-        j = i
-        while j + 1 < len(allv) and sorted_v[j + 1] == sorted_v[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    r_pos = ranks[: len(pos)].sum()
-    return float((r_pos - len(pos) * (len(pos) + 1) / 2.0) / (len(pos) * len(neg)))
+    """AUC of positives scoring above negatives (ties count half)."""
+    return auroc(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.concatenate([pos, neg]))
 
 
 def _rate(records: Sequence[dict[str, Any]], cid: str) -> tuple[float, int]:

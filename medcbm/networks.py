@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .grounding import ConceptGrounding, TextGrounding
+from .grounding import ConceptGrounding
 from .head import KnowledgePriorHead
 
 __all__ = ["ConceptBottleneckClassifier", "save_cbm_state", "read_cbm_state", "CBM_FORMAT_VERSION"]
@@ -204,11 +204,3 @@ def read_cbm_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return tensors, json.loads(raw_meta)
 
-
-def grounding_from_state(tensors: dict[str, torch.Tensor], mode: str) -> ConceptGrounding:
-    sub = {k[len("grounding."):]: v for k, v in tensors.items() if k.startswith("grounding.")}
-    return ConceptGrounding.from_tensors(mode, sub)
-
-
-def text_grounding_from_embeddings(text_embeddings: torch.Tensor) -> TextGrounding:
-    return TextGrounding(text_embeddings)

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..backbones import load_backbone
+from ..backbones import LOCAL_DIR, load_backbone
 from ..concepts import ConceptBank, load_concept_bank
 from ..data import InputRecord, list_inputs
 from ..features import FeatureCache, default_cache_dir, extract_features
@@ -146,8 +146,8 @@ class TrainingRunner:
             mode=self.grounding, text_embeddings=text_embeddings, prior_strength=self.prior_strength,
         )
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        if not self.backbone:  # a models folder must stand alone: carry the bundle's backbone along
-            src, dst = self.models_dir / BACKBONE_DIR, self.output_dir / BACKBONE_DIR
+        if spec.startswith(LOCAL_DIR):  # a models folder must stand alone: carry a local backbone along
+            src, dst = Path(spec[len(LOCAL_DIR):]), self.output_dir / BACKBONE_DIR
             if src.resolve() != dst.resolve():
                 shutil.copytree(src, dst, dirs_exist_ok=True)
         keep = [bank.concept_ids.index(c) for c in fitted.bank.concept_ids]
