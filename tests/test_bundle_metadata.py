@@ -128,7 +128,12 @@ def test_metadata_fields(bundle):
     assert meta["copyright"] == "Copyright (c) 2026 medcbm contributors"
     assert meta["intended_use"].startswith("Research use only. Not a medical device")
     assert "not a medical device" in meta["description"].lower()
-    assert meta["eval_metrics"] == {}  # filled after evaluation, never with placeholder numbers
+    # figures come from the committed evaluation output, never typed by hand
+    results = json.loads((REPO / "benchmarks" / "results" / "evaluate_bundles.json").read_text())[bundle]
+    assert meta["eval_metrics"]["cbm"] == {k: v for k, v in results["cbm_test"].items() if k != "n"}
+    card = (REPO / "bundles" / bundle / "docs" / "README.md").read_text()
+    assert f"| balanced accuracy (%) | {100 * results['cbm_test']['balanced_accuracy']:.1f} |" in card
+    assert "not a medical device" in card
     assert any("Textbook Remedy for Domain Shifts" in r for r in meta["references"])
 
 
