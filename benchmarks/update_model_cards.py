@@ -40,6 +40,9 @@ def render(bundle: str, r: dict) -> str:
     for k in cbm:
         if k.startswith("auroc_") and not (bundle == "cxr_cbm" and k == "auroc_normal"):
             rows.append((f"AUROC {k[6:]}", _auc(cbm[k]), _auc(lp[k])))
+    for k in cbm:
+        if k.startswith("recall_"):
+            rows.append((f"sensitivity {k[7:]} (%)", _pct(cbm[k]), _pct(lp[k])))
     lines = [START, "", f"Held-out data: {HELD_OUT[bundle]}; never used for training or selection.",
              f"Measured with `python benchmarks/evaluate_bundles.py` (results in `benchmarks/results/`).", "",
              "| metric | concept bottleneck (this bundle) | linear probe, same backbone (black box) |", "|---|---|---|"]

@@ -52,7 +52,7 @@ def choose_grounding_mode(concept_labels: np.ndarray | None) -> str:
 
 
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
-    """Accuracy, balanced accuracy and one-vs-rest AUROC per class."""
+    """Accuracy, balanced accuracy, one-vs-rest AUROC and recall (sensitivity) per class."""
     y_true = np.asarray(y_true)
     pred = proba.argmax(1)
     out: dict[str, Any] = {
@@ -63,6 +63,8 @@ def classification_metrics(y_true: np.ndarray, proba: np.ndarray, class_names: S
     for c, name in enumerate(class_names):
         a = auroc(y_true == c, proba[:, c])
         out[f"auroc_{name}"] = None if np.isnan(a) else round(a, 4)
+    for c, name in enumerate(class_names):
+        out[f"recall_{name}"] = round(float((pred[y_true == c] == c).mean()), 4) if np.any(y_true == c) else None
     return out
 
 
