@@ -74,6 +74,8 @@ class TrainingRunner:
         grounding: ``auto`` (probe when concept labels exist), ``probe`` or ``text``.
         prior_strength: candidate weights of the knowledge prior, chosen on ``val``.
         cache_dir: feature cache folder (default ``~/.cache/medcbm/features``).
+        trained_on: a description of the data, recorded in the fitted model.
+        drop_ungroundable: drop concepts whose grounding is no better than chance on ``val``.
     """
 
     def __init__(
@@ -91,6 +93,7 @@ class TrainingRunner:
         cache_dir: str | Path | None = None,
         batch_size: int = 32,
         trained_on: str = "",
+        drop_ungroundable: bool = True,
     ):
         if not train or not val or str(train) == "None" or str(val) == "None":
             raise ValueError("train.yaml needs --train TRAIN.csv and --val VAL.csv (columns image, label)")
@@ -106,6 +109,7 @@ class TrainingRunner:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.batch_size = batch_size
         self.trained_on = trained_on
+        self.drop_ungroundable = drop_ungroundable
 
     def _split(self, csv_path: Path, bank: ConceptBank, pipeline, bk, cache) -> dict[str, Any]:
         records = list_inputs(csv_path)
@@ -144,6 +148,7 @@ class TrainingRunner:
         fitted = fit_cbm(
             bank, tr["features"], tr["y"], va["features"], va["y"], tr["concepts"], va["concepts"],
             mode=self.grounding, text_embeddings=text_embeddings, prior_strength=self.prior_strength,
+            drop_ungroundable=self.drop_ungroundable,
         )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if spec.startswith(LOCAL_DIR):  # a models folder must stand alone: carry a local backbone along
