@@ -102,8 +102,18 @@ class ConceptBottleneckClassifier(torch.nn.Module):
         return self.head(self.concept_scores_from_features(features))
 
     def contributions_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """``(B, C, K)``: ``W[c, k] * a_k``; summed over ``k`` plus ``head.bias`` equals the logits."""
-        return scores[:, None, :] * self.head.weight[None, :, :]
+        """``(B, C, K)``: ``W[c, k] * (a_k - neutral_k)``; summed over ``k`` plus :meth:`contribution_bias`
+        equals the logits exactly.
+
+        Contributions are measured from each concept's neutral value (its mean score at the source site,
+        the exact SHAP value of a linear head), so a concept at its usual level contributes nothing and a
+        masked concept contributes exactly zero. Without a reference (zero-shot) ``neutral`` is 0.
+        """
+        return (scores - self.neutral)[:, None, :] * self.head.weight[None, :, :]
+
+    def contribution_bias(self) -> torch.Tensor:
+        """``(C,)``: ``b + W @ neutral``, the logit of an image whose every concept sits at its neutral value."""
+        return self.head.bias + self.head.weight @ self.neutral
 
     def contributions(self, image: torch.Tensor) -> torch.Tensor:
         return self.contributions_from_scores(self.concept_scores(image))

@@ -88,7 +88,11 @@ def test_network_forward_is_logits_and_contributions_sum(tiny_backbone_spec):
     logits = net(x)
     assert isinstance(logits, torch.Tensor) and logits.shape == (4, 2)
     contrib = net.contributions(x)
-    torch.testing.assert_close(contrib.sum(-1) + net.head.bias, logits)
+    torch.testing.assert_close(contrib.sum(-1) + net.contribution_bias(), logits)
+    net.neutral.copy_(torch.rand(3))  # a source-site reference moves contributions, never the logits
+    torch.testing.assert_close(net.contributions(x).sum(-1) + net.contribution_bias(), net(x))
+    net.set_edit(mask=["k1"])
+    assert torch.all(net.contributions(x)[:, :, 1] == 0)
     assert net.targets == ["a", "b"] and net.concepts == ["k0", "k1", "k2"]
 
 
