@@ -62,8 +62,11 @@ def wbcatt_attribute_accuracy(net, scores: np.ndarray, concept_labels: np.ndarra
             covered = len(all_ids) == len(values)
             pick = np.array([all_ids.index(kept[b]) for b in best])
             pred = pick if covered else np.where(s.max(1) > 0.5, pick, -1)
-        out[column] = {"accuracy": float((pred == truth).mean()), "concepts": kept,
-                       "dropped_concepts": sorted(set(all_ids) - set(kept))}
+        out[column] = {
+            "accuracy": float((pred == truth).mean()),
+            "concepts": kept,
+            "dropped_concepts": sorted(set(all_ids) - set(kept)),
+        }
     out["mean_attribute_accuracy"] = float(np.mean([v["accuracy"] for v in out.values()]))
     return out
 
@@ -71,9 +74,11 @@ def wbcatt_attribute_accuracy(net, scores: np.ndarray, concept_labels: np.ndarra
 def evaluate(bundle: str) -> dict:
     data = bundle_split_features(bundle)
     bank = data["bank"]
-    net = load_bundle_network(REPO / "bundles" / bundle / "models",
-                              REPO / "bundles" / bundle / "configs" / "concepts.yaml",
-                              channel_mode="grey" if bundle == "cxr_cbm" else "rgb")
+    net = load_bundle_network(
+        REPO / "bundles" / bundle / "models",
+        REPO / "bundles" / bundle / "configs" / "concepts.yaml",
+        channel_mode="grey" if bundle == "cxr_cbm" else "rgb",
+    )
     tr, va, te = (data["splits"][s] for s in ("train", "val", "test"))
     with torch.no_grad():
         f = torch.as_tensor(te["X"])

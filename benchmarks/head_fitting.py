@@ -79,7 +79,9 @@ def main() -> None:
     grid, t_grid = timed(lambda: KnowledgePriorHead(prior=bank.prior).fit(S, tr["y"], Sv, va["y"]))
     knobo, t_knobo = timed(lambda: knobo_adam(S, tr["y"], Sv, va["y"], bank.prior))
     with torch.no_grad():
-        kpred = {n: knobo(torch.as_tensor(a, dtype=torch.float32)).argmax(1).numpy() for n, a in (("val", Sv), ("test", St))}
+        kpred = {
+            n: knobo(torch.as_tensor(a, dtype=torch.float32)).argmax(1).numpy() for n, a in (("val", Sv), ("test", St))
+        }
         kw = knobo.weight.numpy()
     nz = bank.prior != 0
 
@@ -93,14 +95,19 @@ def main() -> None:
 
     out = {
         "bundle": args.bundle,
-        "n_train": int(len(S)), "n_val": int(len(Sv)), "n_concepts": int(S.shape[1]), "n_classes": bank.num_classes,
+        "n_train": int(len(S)),
+        "n_val": int(len(Sv)),
+        "n_concepts": int(S.shape[1]),
+        "n_classes": bank.num_classes,
         "torch_threads": 1,
         "n_test": int(len(St)),
         "medcbm_lbfgs_lambda1": res(lambda n, a: ours.predict(a), t_ours, ours.prior_agreement()),
-        "medcbm_lbfgs_lambda_grid_selected_on_val": res(lambda n, a: grid.predict(a), t_grid, grid.prior_agreement(),
-                                                        {"selected_lambda": grid.prior_strength_}),
-        "knobo_adam_200_epochs_epoch_selected_on_val": res(lambda n, a: kpred[n], t_knobo,
-                                                           float((np.sign(kw[nz]) == bank.prior[nz]).mean())),
+        "medcbm_lbfgs_lambda_grid_selected_on_val": res(
+            lambda n, a: grid.predict(a), t_grid, grid.prior_agreement(), {"selected_lambda": grid.prior_strength_}
+        ),
+        "knobo_adam_200_epochs_epoch_selected_on_val": res(
+            lambda n, a: kpred[n], t_knobo, float((np.sign(kw[nz]) == bank.prior[nz]).mean())
+        ),
         "speedup_lambda1": t_knobo / t_ours,
         "speedup_with_grid_search": t_knobo / t_grid,
         "feature_cache": data["cache"],

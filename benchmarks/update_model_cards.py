@@ -35,28 +35,50 @@ def _auc(v):
 
 def render(bundle: str, r: dict) -> str:
     cbm, lp = r["cbm_test"], r["linear_probe_test"]
-    rows = [("accuracy (%)", _pct(cbm["accuracy"]), _pct(lp["accuracy"])),
-            ("balanced accuracy (%)", _pct(cbm["balanced_accuracy"]), _pct(lp["balanced_accuracy"]))]
+    rows = [
+        ("accuracy (%)", _pct(cbm["accuracy"]), _pct(lp["accuracy"])),
+        ("balanced accuracy (%)", _pct(cbm["balanced_accuracy"]), _pct(lp["balanced_accuracy"])),
+    ]
     for k in cbm:
         if k.startswith("auroc_") and not (bundle == "cxr_cbm" and k == "auroc_normal"):
             rows.append((f"AUROC {k[6:]}", _auc(cbm[k]), _auc(lp[k])))
     for k in cbm:
         if k.startswith("recall_"):
             rows.append((f"sensitivity {k[7:]} (%)", _pct(cbm[k]), _pct(lp[k])))
-    lines = [START, "", f"Held-out data: {HELD_OUT[bundle]}; never used for training or selection.",
-             f"Measured with `python benchmarks/evaluate_bundles.py` (results in `benchmarks/results/`).", "",
-             "| metric | concept bottleneck (this bundle) | linear probe, same backbone (black box) |", "|---|---|---|"]
+    lines = [
+        START,
+        "",
+        f"Held-out data: {HELD_OUT[bundle]}; never used for training or selection.",
+        "Measured with `python benchmarks/evaluate_bundles.py` (results in `benchmarks/results/`).",
+        "",
+        "| metric | concept bottleneck (this bundle) | linear probe, same backbone (black box) |",
+        "|---|---|---|",
+    ]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-    lines += ["", f"Headline metric `{r['headline_metric']}`: CBM minus probe = {r['cbm_minus_probe_points']:+.2f} points. "
-              f"Concepts used by the fitted model: {r['concepts_used']} of {r['concepts_in_bank']}.", ""]
+    lines += [
+        "",
+        f"Headline metric `{r['headline_metric']}`: CBM minus probe = {r['cbm_minus_probe_points']:+.2f} points. "
+        f"Concepts used by the fitted model: {r['concepts_used']} of {r['concepts_in_bank']}.",
+        "",
+    ]
     if "wbcatt_attribute_accuracy_test" in r:
         att = r["wbcatt_attribute_accuracy_test"]
-        lines += ["Concept accuracy against the WBCAtt expert attributes (test split; the attribute value read off the "
-                  "concept scores):", "", "| attribute | accuracy (%) |", "|---|---|"]
+        lines += [
+            "Concept accuracy against the WBCAtt expert attributes (test split; the attribute value read off the "
+            "concept scores):",
+            "",
+            "| attribute | accuracy (%) |",
+            "|---|---|",
+        ]
         lines += [f"| {k} | {_pct(v['accuracy'])} |" for k, v in att.items() if isinstance(v, dict)]
         lines += [f"| **mean of 11 attributes** | **{_pct(att['mean_attribute_accuracy'])}** |", ""]
-    lines += ["Concept grounding on the held-out split (AUROC of each concept score against its label; n/a where "
-              "the split has fewer than 3 positive or negative labels):", "", "| concept | AUROC |", "|---|---|"]
+    lines += [
+        "Concept grounding on the held-out split (AUROC of each concept score against its label; n/a where "
+        "the split has fewer than 3 positive or negative labels):",
+        "",
+        "| concept | AUROC |",
+        "|---|---|",
+    ]
     lines += [f"| `{k}` | {_auc(v)} |" for k, v in r["concept_auroc_test"].items()]
     lines += ["", END]
     return "\n".join(lines)
@@ -81,7 +103,8 @@ def main(path: str) -> None:
         }
         if "wbcatt_attribute_accuracy_test" in r:
             meta["eval_metrics"]["wbcatt_mean_attribute_accuracy"] = r["wbcatt_attribute_accuracy_test"][
-                "mean_attribute_accuracy"]
+                "mean_attribute_accuracy"
+            ]
         meta_path.write_text(json.dumps(meta, indent=4) + "\n")
         print(f"updated {card} and {meta_path}")
 

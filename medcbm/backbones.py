@@ -67,7 +67,7 @@ def backbone_fingerprint(spec: str, pretrained: str | None = None) -> str:
     """
     parts: list[str] = [spec, pretrained or ""]
     if spec.startswith(LOCAL_DIR):
-        folder = Path(spec[len(LOCAL_DIR):])
+        folder = Path(spec[len(LOCAL_DIR) :])
         for name in ("open_clip_config.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
             if (folder / name).is_file():
                 parts.append(f"{name}={file_sha256(folder / name)}")
@@ -139,7 +139,7 @@ def load_backbone(spec: str, pretrained: str | None = None, device: str | torch.
     if not spec:
         raise ValueError("backbone spec is empty; use 'local-dir:PATH', 'hf-hub:org/repo' or an open_clip model name")
     if spec.startswith(LOCAL_DIR):
-        folder = Path(spec[len(LOCAL_DIR):])
+        folder = Path(spec[len(LOCAL_DIR) :])
         cfg_path = folder / "open_clip_config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"backbone folder {folder} has no open_clip_config.json (spec {spec!r})")
@@ -189,8 +189,13 @@ def save_local_dir(
     size = model_cfg["vision_cfg"]["image_size"]
     cfg = {
         "model_cfg": model_cfg,
-        "preprocess_cfg": {"size": size, "mean": list(mean), "std": list(std), "interpolation": "bicubic",
-                           "resize_mode": "shortest"},
+        "preprocess_cfg": {
+            "size": size,
+            "mean": list(mean),
+            "std": list(std),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
     }
     if extra:
         cfg.update(extra)

@@ -438,8 +438,12 @@ def _blood_image(seed: int, size: int, nucleus: str) -> np.ndarray:
             lobe_r = 0.2 if n == 2 else rng.uniform(0.13, 0.17)
             nuc = np.maximum(nuc, _soft(np.hypot(x - px, y - py) - lobe_r, 0.015))
             if prev is not None:  # thin chromatin strand between lobes
-                t = np.clip(((x - prev[0]) * (px - prev[0]) + (y - prev[1]) * (py - prev[1]))
-                            / ((px - prev[0]) ** 2 + (py - prev[1]) ** 2), 0, 1)
+                t = np.clip(
+                    ((x - prev[0]) * (px - prev[0]) + (y - prev[1]) * (py - prev[1]))
+                    / ((px - prev[0]) ** 2 + (py - prev[1]) ** 2),
+                    0,
+                    1,
+                )
                 dist = np.hypot(x - prev[0] - t * (px - prev[0]), y - prev[1] - t * (py - prev[1]))
                 nuc = np.maximum(nuc, _soft(dist - 0.035, 0.01))
             prev = (px, py)

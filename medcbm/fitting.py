@@ -17,7 +17,6 @@ from .concepts import ConceptBank
 from .grounding import (
     ConceptGrounding,
     ConceptGroundingReport,
-    ProbeGrounding,
     TextGrounding,
     fit_concept_probes,
     grounding_report,

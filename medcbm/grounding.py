@@ -155,8 +155,17 @@ def grounding_report(
         y, s = labels[known, k] > 0.5, scores[known, k]
         n_pos, n_neg = int(y.sum()), int((~y).sum())
         if min(n_pos, n_neg) < min_examples:
-            out.append(ConceptGroundingReport(cid, n_pos, n_neg, float("nan"), float("nan"), False,
-                                              f"too few labelled examples (positive {n_pos}, negative {n_neg})"))
+            out.append(
+                ConceptGroundingReport(
+                    cid,
+                    n_pos,
+                    n_neg,
+                    float("nan"),
+                    float("nan"),
+                    False,
+                    f"too few labelled examples (positive {n_pos}, negative {n_neg})",
+                )
+            )
             continue
         a, lb = auroc(y, s), auroc_lower_bound(y, s)
         ok = lb > 0.5
@@ -175,8 +184,15 @@ def _balanced_weights(labels: torch.Tensor) -> torch.Tensor:
 
 
 def _lbfgs(params: list[torch.Tensor], closure_loss, max_iter: int) -> None:
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, history_size=20,
-                            tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        params,
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        tolerance_grad=1e-9,
+        tolerance_change=1e-12,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()

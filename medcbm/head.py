@@ -174,8 +174,15 @@ class KnowledgePriorHead:
         C = self.n_classes_
         return theta[: C * K].reshape(C, K), theta[C * K :]
 
-    def objective(self, theta: np.ndarray, Xs: np.ndarray, y: np.ndarray, sample_w: np.ndarray,
-                  prior: np.ndarray | None, lam: float) -> tuple[float, np.ndarray]:
+    def objective(
+        self,
+        theta: np.ndarray,
+        Xs: np.ndarray,
+        y: np.ndarray,
+        sample_w: np.ndarray,
+        prior: np.ndarray | None,
+        lam: float,
+    ) -> tuple[float, np.ndarray]:
         """Loss and gradient in the standardised space (what L-BFGS-B minimises).
 
         ``sample_w`` are per-sample cross-entropy weights summing to one (class-balanced or uniform).
@@ -202,13 +209,20 @@ class KnowledgePriorHead:
             gW += self.sparsity / W.size * grad
         return float(loss), np.concatenate([gW.ravel(), gb])
 
-    def _solve(self, theta0: np.ndarray, Xs: np.ndarray, y: np.ndarray, cw: np.ndarray,
-               prior: np.ndarray | None, lam: float) -> np.ndarray:
+    def _solve(
+        self, theta0: np.ndarray, Xs: np.ndarray, y: np.ndarray, cw: np.ndarray, prior: np.ndarray | None, lam: float
+    ) -> np.ndarray:
         sample_w = cw[y] / cw[y].sum()
         # ftol: stop when an iteration improves the loss by < 1e-9 (relative); KnoBo's prior keeps pushing
         # known weights towards saturation with ever smaller gains, which changes no prediction.
-        res = minimize(self.objective, theta0, args=(Xs, y, sample_w, prior, lam), jac=True, method="L-BFGS-B",
-                       options={"maxiter": self.max_iter, "maxcor": 20, "ftol": 1e-9, "gtol": 1e-5})
+        res = minimize(
+            self.objective,
+            theta0,
+            args=(Xs, y, sample_w, prior, lam),
+            jac=True,
+            method="L-BFGS-B",
+            options={"maxiter": self.max_iter, "maxcor": 20, "ftol": 1e-9, "gtol": 1e-5},
+        )
         return res.x
 
     def _raw_logits(self, X: np.ndarray, W_std: np.ndarray, b_std: np.ndarray) -> np.ndarray:

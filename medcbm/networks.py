@@ -213,4 +213,3 @@ def read_cbm_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
             raise ValueError(f"{path}: not a medcbm concept bottleneck file (no 'medcbm' metadata)")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return tensors, json.loads(raw_meta)
-

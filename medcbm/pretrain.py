@@ -45,6 +45,7 @@ def dataset_records(name: str, **kwargs: Any) -> list[dict]:
         "pbc_wbcatt": "pbc_wbcatt_records",
         "nih_cxr14": "nih_cxr14_records",
         "isic2017": "isic2017_records",
+        "pneumoniamnist": "pneumoniamnist_records",
     }
     if name not in registry:
         raise KeyError(f"unknown dataset {name!r}; known: {sorted(registry)}")
@@ -99,8 +100,9 @@ def _augment(x: torch.Tensor, aug: dict[str, Any], gen: torch.Generator) -> torc
     return x
 
 
-def pretrain_backbone(recipe: dict[str, Any], out_dir: str | Path, epochs: int | None = None,
-                      limit: int | None = None) -> dict[str, Any]:
+def pretrain_backbone(
+    recipe: dict[str, Any], out_dir: str | Path, epochs: int | None = None, limit: int | None = None
+) -> dict[str, Any]:
     """Train the recipe's backbone and write it as a ``local-dir:`` folder; returns a training summary."""
     import open_clip
     from open_clip.model import CLIP
@@ -116,6 +118,8 @@ def pretrain_backbone(recipe: dict[str, Any], out_dir: str | Path, epochs: int |
     records = dataset_records(recipe["dataset"], **recipe.get("dataset_args", {}))
     train = [r for r in records if r["split"] == "train"]
     val = [r for r in records if r["split"] == "val"]
+    for extra in recipe.get("extra_train", []):  # more training images from other datasets (never val/test)
+        train += dataset_records(extra["dataset"], **extra.get("dataset_args", {}))
     if limit:
         train, val = train[:limit], val[: max(limit // 4, 10)]
     model_cfg = recipe["model_cfg"]
@@ -140,8 +144,9 @@ def pretrain_backbone(recipe: dict[str, Any], out_dir: str | Path, epochs: int |
     bs = int(cfg.get("batch_size", 64))
     steps = n_epochs * math.ceil(len(train) / bs)
     opt = torch.optim.AdamW(params, lr=float(cfg.get("lr", 2e-3)), weight_decay=float(cfg.get("weight_decay", 0.05)))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(cfg.get("lr", 2e-3)), total_steps=steps,
-                                                pct_start=0.15)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=float(cfg.get("lr", 2e-3)), total_steps=steps, pct_start=0.15
+    )
     counts = np.bincount(y_tr, minlength=C).astype(np.float64)
     class_w = torch.tensor(len(y_tr) / (C * np.maximum(counts, 1)), dtype=torch.float32)
     yt, ct = torch.as_tensor(y_tr), torch.as_tensor(c_tr)
@@ -172,15 +177,23 @@ def pretrain_backbone(recipe: dict[str, Any], out_dir: str | Path, epochs: int |
         model.eval()
         aux.eval()
         with torch.no_grad():
-            img = torch.cat([F.normalize(model.encode_image(x_va[i : i + 256]), dim=-1) for i in range(0, len(x_va), 256)])
+            img = torch.cat(
+                [F.normalize(model.encode_image(x_va[i : i + 256]), dim=-1) for i in range(0, len(x_va), 256)]
+            )
             txt = F.normalize(model.encode_text(tokens), dim=-1)
             bacc = balanced_accuracy(y_va, aux(img).argmax(1).numpy())
             z = (img @ txt.T).numpy()
         aucs = [auroc(c_va[~np.isnan(c_va[:, k]), k] > 0.5, z[~np.isnan(c_va[:, k]), k]) for k in range(K)]
         mean_auc = float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else float("nan")
         score = bacc + 1e-3 * (0 if math.isnan(mean_auc) else mean_auc)
-        history.append({"epoch": epoch + 1, "train_loss": round(total / len(train), 4),
-                        "val_balanced_accuracy": round(bacc, 4), "val_text_concept_auroc": round(mean_auc, 4)})
+        history.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": round(total / len(train), 4),
+                "val_balanced_accuracy": round(bacc, 4),
+                "val_text_concept_auroc": round(mean_auc, 4),
+            }
+        )
         logger.info("epoch %d %s", epoch + 1, history[-1])
         if score > best["score"]:
             best = {"score": score, "epoch": epoch + 1, "state": {k: v.clone() for k, v in model.state_dict().items()}}
@@ -197,8 +210,15 @@ def pretrain_backbone(recipe: dict[str, Any], out_dir: str | Path, epochs: int |
         "seed": seed,
         "history": history,
     }
-    save_local_dir(model, model_cfg, out_dir, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, half=True,
-                   extra={"medcbm_pretraining": {k: v for k, v in summary.items() if k != "history"}})
+    save_local_dir(
+        model,
+        model_cfg,
+        out_dir,
+        OPENAI_CLIP_MEAN,
+        OPENAI_CLIP_STD,
+        half=True,
+        extra={"medcbm_pretraining": {k: v for k, v in summary.items() if k != "history"}},
+    )
     (Path(out_dir) / "training_log.json").write_text(json.dumps(summary, indent=2))
     return summary
 

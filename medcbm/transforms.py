@@ -375,9 +375,7 @@ def _read_dicom(path: str) -> np.ndarray:
                 bits = int(ds.get("BitsStored", 8 * arr.dtype.itemsize) or 8)
                 out = arr.astype(np.float64) / float(2**bits - 1)
             else:
-                raise ImageReadError(
-                    path, f"unsupported DICOM photometric interpretation {photometric or '(missing)'}"
-                )
+                raise ImageReadError(path, f"unsupported DICOM photometric interpretation {photometric or '(missing)'}")
         except ImageReadError:
             raise
         except MemoryError:

@@ -44,12 +44,27 @@ def small_bank_dict() -> dict:
         "name": "toy",
         "classes": ["alpha", "beta"],
         "concepts": [
-            {"id": "round", "text": "a round shape", "group": "shape", "kind": "attribute",
-             "source": {"citation": "Toy textbook", "quote": "round things"}},
-            {"id": "spiky", "text": "spiky outline", "group": "shape", "kind": "finding",
-             "source": {"citation": "Toy textbook"}},
-            {"id": "ruler", "text": "a ruler mark", "group": "artifact", "kind": "artifact",
-             "source": {"citation": "Toy textbook"}},
+            {
+                "id": "round",
+                "text": "a round shape",
+                "group": "shape",
+                "kind": "attribute",
+                "source": {"citation": "Toy textbook", "quote": "round things"},
+            },
+            {
+                "id": "spiky",
+                "text": "spiky outline",
+                "group": "shape",
+                "kind": "finding",
+                "source": {"citation": "Toy textbook"},
+            },
+            {
+                "id": "ruler",
+                "text": "a ruler mark",
+                "group": "artifact",
+                "kind": "artifact",
+                "source": {"citation": "Toy textbook"},
+            },
         ],
         "prior": {"alpha": {"round": 1, "spiky": -1}, "beta": {"spiky": 1, "round": -1}},
     }

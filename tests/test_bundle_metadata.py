@@ -245,8 +245,11 @@ def test_license_files(bundle):
     assert "Apache License" in text and "Version 2.0, January 2004" in text
     assert "END OF TERMS AND CONDITIONS" in text  # the full text, not a stub
     data_licence = (BUNDLES_DIR / bundle / "docs" / "data_license.txt").read_text()
-    expected = {"derm_cbm": ["CC-0"], "cxr_cbm": ["unrestricted", "NIH Clinical Center"],
-                "blood_cbm": ["CC BY 4.0", "MIT"]}[bundle]
+    expected = {
+        "derm_cbm": ["CC-0"],
+        "cxr_cbm": ["unrestricted", "NIH Clinical Center"],
+        "blood_cbm": ["CC BY 4.0", "MIT"],
+    }[bundle]
     for needle in expected:
         assert needle in data_licence
 
@@ -264,8 +267,9 @@ def test_large_files(bundle):
         target = os.path.realpath(bundle_root / path)
         assert os.path.commonpath([os.path.realpath(bundle_root), target]) == os.path.realpath(bundle_root)
         assert path.startswith("models/hub/")
-        assert re.fullmatch(r"https://huggingface\.co/[\w.-]+/[\w.-]+/resolve/main/" + re.escape(Path(path).name),
-                            entry["url"]), entry["url"]
+        assert re.fullmatch(
+            r"https://huggingface\.co/[\w.-]+/[\w.-]+/resolve/main/" + re.escape(Path(path).name), entry["url"]
+        ), entry["url"]
         assert entry["hash_type"] in HASH_HEX_LEN
         hash_val = entry.get("hash_val", "")
         assert hash_val == "" or re.fullmatch(rf"[0-9a-f]{{{HASH_HEX_LEN[entry['hash_type']]}}}", hash_val)

@@ -103,8 +103,14 @@ def test_real_images_with_synthetic_dicom_nifti_and_bad_inputs(bundle, tmp_path)
     nib.save(nib.Nifti1Image(rng.random((48, 40)).astype(np.float32), np.eye(4)), str(tmp_path / "slice.nii.gz"))
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     (tmp_path / "notes.txt").write_text("not an image")
-    images = [str(p) for p in real] + ["mono1.dcm", "mono2.dcm", "slice.nii.gz", "corrupt.png", "missing.jpg",
-                                       "notes.txt"]
+    images = [str(p) for p in real] + [
+        "mono1.dcm",
+        "mono2.dcm",
+        "slice.nii.gz",
+        "corrupt.png",
+        "missing.jpg",
+        "notes.txt",
+    ]
     with open(tmp_path / "input.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "label"])
@@ -118,6 +124,7 @@ def test_real_images_with_synthetic_dicom_nifti_and_bad_inputs(bundle, tmp_path)
     for bad, reason in (("corrupt.png", "corrupt"), ("missing.jpg", "not found"), ("notes.txt", "unsupported")):
         assert status[bad]["status"] == "error"
         assert bad in status[bad]["error"] and reason in status[bad]["error"]
+
     # MONOCHROME1 is the inverted rendering of the same pixels: the model must not see identical inputs
     def outputs(r):
         return [r[f"prob_{c}"] for c in BUNDLES[bundle]] + [r["top_concepts"]]
@@ -152,9 +159,24 @@ def test_cli_exit_status_and_error_rows(tmp_path):
     shutil.copy(img, folder / "cell.jpg")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     b = "bundles/blood_cbm"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--bundle_root", b, "--config_file", f"{b}/configs/inference.yaml",
-           "--meta_file", f"{b}/configs/metadata.json", "--workflow_type", "infer", "--input", str(folder),
-           "--output_dir", str(tmp_path / "out")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--bundle_root",
+        b,
+        "--config_file",
+        f"{b}/configs/inference.yaml",
+        "--meta_file",
+        f"{b}/configs/metadata.json",
+        "--workflow_type",
+        "infer",
+        "--input",
+        str(folder),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     rows = _read(tmp_path / "out" / "predictions.csv")
@@ -174,8 +196,15 @@ def test_train_workflow_refits_from_csv(tmp_path):
     small = [r for r in recs if r["split"] == "train"][::6] + [r for r in recs if r["split"] == "val"][::3]
     write_split_csvs(small, bank.concept_ids, tmp_path / "csv")
     models = tmp_path / "models"
-    wf = _workflow("blood_cbm", "train.yaml", "train", train=str(tmp_path / "csv" / "train.csv"),
-                   val=str(tmp_path / "csv" / "val.csv"), output_dir=str(models), cache_dir=str(tmp_path / "cache"))
+    wf = _workflow(
+        "blood_cbm",
+        "train.yaml",
+        "train",
+        train=str(tmp_path / "csv" / "train.csv"),
+        val=str(tmp_path / "csv" / "val.csv"),
+        output_dir=str(models),
+        cache_dir=str(tmp_path / "cache"),
+    )
     wf.run()
     report = __import__("json").loads((models / "fit_report.json").read_text())
     assert report["grounding"] == "probe" and report["val_metrics"]["accuracy"] > 0.5

@@ -275,8 +275,14 @@ def _fake_isic(root: Path, n_train: dict[str, int], n_val: dict[str, int]) -> Pa
                 shape = _ellipse(25 + (k % 5) * 6, 35 + (k % 7) * 4) if k % 3 else _lopsided()
                 Image.fromarray(_paint(shape, seed=k)).save(folder / rel)
                 rows.append(
-                    {"image_id": iid, "file": rel, "split": split, "diagnosis": cls,
-                     "age_approximate": str(30 + k % 40), "sex": "female" if k % 2 else "male"}
+                    {
+                        "image_id": iid,
+                        "file": rel,
+                        "split": split,
+                        "diagnosis": cls,
+                        "age_approximate": str(30 + k % 40),
+                        "sex": "female" if k % 2 else "male",
+                    }
                 )
                 k += 1
     with open(folder / "labels.csv", "w", newline="") as fh:
@@ -293,9 +299,7 @@ def test_isic2017_records_splits_cache_and_thresholds(tmp_path, monkeypatch):
         {"nevus": 2, "melanoma": 1, "seborrheic_keratosis": 1},
     )
     cache = tmp_path / "cache"
-    recs, thr = df.isic2017_records(
-        root=tmp_path, cache_dir=cache, val_fraction=0.25, seed=0, return_thresholds=True
-    )
+    recs, thr = df.isic2017_records(root=tmp_path, cache_dir=cache, val_fraction=0.25, seed=0, return_thresholds=True)
     assert len(recs) == 24
     by_split = {s: [r for r in recs if r["split"] == s] for s in ("train", "val", "test")}
     assert len(by_split["test"]) == 4  # the dataset's own val split is the held-out test
@@ -407,7 +411,7 @@ def test_real_isic_images_measure_sensibly():
     folder = _isic_folder()
     with open(folder / "labels.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    picked = rows[::len(rows) // 20][:20]
+    picked = rows[:: len(rows) // 20][:20]
     results = []
     for r in picked:
         with Image.open(folder / r["file"]) as im:

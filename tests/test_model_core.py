@@ -26,7 +26,9 @@ def test_local_dir_backbone_round_trip(tiny_backbone_spec, tmp_path):
     assert txt.shape == (2, 16)
     again = load_backbone(tiny_backbone_spec)
     assert again.fingerprint == bk.fingerprint
-    torch.testing.assert_close(again.encode_images(torch.ones(1, 3, 32, 32)), bk.encode_images(torch.ones(1, 3, 32, 32)))
+    torch.testing.assert_close(
+        again.encode_images(torch.ones(1, 3, 32, 32)), bk.encode_images(torch.ones(1, 3, 32, 32))
+    )
 
 
 def test_backbone_fingerprint_changes_with_weights(tmp_path):
@@ -165,7 +167,9 @@ def test_feature_cache_hit_miss_and_invalidation(tiny_backbone_spec, tmp_path):
     assert not np.allclose(third.features[0], first.features[0])
 
     # another preprocessing or backbone never sees these entries
-    other = FeatureCache(tmp_path / "cache", bk.fingerprint, ClinicalImagePipeline("grey", 32, bk.mean, bk.std).fingerprint())
+    other = FeatureCache(
+        tmp_path / "cache", bk.fingerprint, ClinicalImagePipeline("grey", 32, bk.mean, bk.std).fingerprint()
+    )
     extract_features(paths, bk.image_encoder(), pipe, other)
     assert other.hits == 0 and other.misses == 3
     other_bk = FeatureCache(tmp_path / "cache", "another-backbone", pipe.fingerprint())

@@ -17,7 +17,9 @@ from medcbm.grounding import fit_concept_probes, grounding_report
 from medcbm.pretrain import records_to_arrays
 from medcbm.transforms import ClinicalImagePipeline
 
-pytestmark = pytest.mark.skipif(shared_data_root() is None, reason="../shared/data not present (set MEDCBM_SHARED_DATA)")
+pytestmark = pytest.mark.skipif(
+    shared_data_root() is None, reason="../shared/data not present (set MEDCBM_SHARED_DATA)"
+)
 
 
 @pytest.fixture(scope="module")

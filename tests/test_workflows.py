@@ -22,10 +22,20 @@ def _toy_bank(path, text_suffix=""):
     bank = {
         "classes": ["reddish", "bluish"],
         "concepts": [
-            {"id": "red_area", "text": "a red area" + text_suffix, "group": "colour", "kind": "finding",
-             "source": {"citation": "toy"}},
-            {"id": "blue_area", "text": "a blue area", "group": "colour", "kind": "finding",
-             "source": {"citation": "toy"}},
+            {
+                "id": "red_area",
+                "text": "a red area" + text_suffix,
+                "group": "colour",
+                "kind": "finding",
+                "source": {"citation": "toy"},
+            },
+            {
+                "id": "blue_area",
+                "text": "a blue area",
+                "group": "colour",
+                "kind": "finding",
+                "source": {"citation": "toy"},
+            },
         ],
         "prior": {"reddish": {"red_area": 1, "blue_area": -1}, "bluish": {"blue_area": 1, "red_area": -1}},
     }
@@ -60,7 +70,7 @@ def toy_site(tmp_path, tiny_backbone_spec):
     bank = _toy_bank(tmp_path / "concepts.yaml")
     rows = _toy_images(tmp_path / "imgs")
     models = tmp_path / "bundle_models"
-    shutil.copytree(tiny_backbone_spec[len("local-dir:"):], models / "backbone")
+    shutil.copytree(tiny_backbone_spec[len("local-dir:") :], models / "backbone")
     return tmp_path, bank, rows, models
 
 
@@ -70,15 +80,29 @@ def test_refit_then_infer(toy_site, with_concepts, mode):
     _write_csv(tmp / "imgs" / "train.csv", rows[0::2], with_concepts)
     _write_csv(tmp / "imgs" / "val.csv", rows[1::2], with_concepts)
     out = tmp / f"refit_{mode}"
-    report = TrainingRunner(bank, tmp / "imgs" / "train.csv", tmp / "imgs" / "val.csv", out, models,
-                            cache_dir=tmp / "cache", drop_ungroundable=False).run()
+    report = TrainingRunner(
+        bank,
+        tmp / "imgs" / "train.csv",
+        tmp / "imgs" / "val.csv",
+        out,
+        models,
+        cache_dir=tmp / "cache",
+        drop_ungroundable=False,
+    ).run()
     assert report["grounding"] == mode
     assert json.loads((out / "fit_report.json").read_text())["n_train"] == 12
     net = load_bundle_network(out, bank)
     assert net.model_info["fit"] == "trained" and net.concepts == ["red_area", "blue_area"]
     # a second fit on the same images is served from the feature cache
-    again = TrainingRunner(bank, tmp / "imgs" / "train.csv", tmp / "imgs" / "val.csv", tmp / "again", models,
-                           cache_dir=tmp / "cache", drop_ungroundable=False).run()
+    again = TrainingRunner(
+        bank,
+        tmp / "imgs" / "train.csv",
+        tmp / "imgs" / "val.csv",
+        tmp / "again",
+        models,
+        cache_dir=tmp / "cache",
+        drop_ungroundable=False,
+    ).run()
     assert again["feature_cache"]["misses"] == 0 and again["feature_cache"]["hits"] == 24
     n_err = InferenceRunner(net, tmp / "pred", input=tmp / "imgs", exit_on_error=False).run()
     assert n_err == 0
@@ -91,8 +115,15 @@ def test_changed_concept_text_recomputes_stored_text_embeddings(toy_site):
     tmp, bank, rows, models = toy_site
     _write_csv(tmp / "imgs" / "train.csv", rows[0::2], False)
     _write_csv(tmp / "imgs" / "val.csv", rows[1::2], False)
-    TrainingRunner(bank, tmp / "imgs" / "train.csv", tmp / "imgs" / "val.csv", tmp / "m", models,
-                   cache_dir=tmp / "cache", drop_ungroundable=False).run()
+    TrainingRunner(
+        bank,
+        tmp / "imgs" / "train.csv",
+        tmp / "imgs" / "val.csv",
+        tmp / "m",
+        models,
+        cache_dir=tmp / "cache",
+        drop_ungroundable=False,
+    ).run()
     bk = load_backbone(f"local-dir:{tmp / 'm' / 'backbone'}")
     same = load_bundle_network(tmp / "m", bank)
     changed_bank = _toy_bank(tmp / "changed.yaml", text_suffix=" with a sharp edge")
@@ -137,9 +168,16 @@ def test_checkpoint_export_traces_the_network(tmp_path):
     parser["bundle_root"] = str(B)
     net = parser.get_parsed_content("network_def").eval()
     torch.save(net.state_dict(), tmp_path / "model.pt")
-    ckpt_export(net_id="network_def", filepath=str(tmp_path / "model.ts"), ckpt_file=str(tmp_path / "model.pt"),
-                meta_file=str(B / "configs" / "metadata.json"), config_file=str(B / "configs" / "inference.yaml"),
-                bundle_root=str(B), use_trace=True, input_shape=[1, 3, 96, 96])
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(tmp_path / "model.ts"),
+        ckpt_file=str(tmp_path / "model.pt"),
+        meta_file=str(B / "configs" / "metadata.json"),
+        config_file=str(B / "configs" / "inference.yaml"),
+        bundle_root=str(B),
+        use_trace=True,
+        input_shape=[1, 3, 96, 96],
+    )
     ts = torch.jit.load(str(tmp_path / "model.ts"))
     x = torch.rand(2, 3, 96, 96)
     torch.testing.assert_close(ts(x), net(x))

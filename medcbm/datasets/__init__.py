@@ -44,3 +44,7 @@ __all__ = [
 from .dermoscopy_features import isic2017_records  # noqa: E402
 
 __all__ += ["isic2017_records"]
+
+from .pneumoniamnist import pneumoniamnist_records  # noqa: E402
+
+__all__ += ["pneumoniamnist_records"]

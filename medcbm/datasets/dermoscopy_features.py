@@ -392,18 +392,13 @@ def classify_colours(lab: np.ndarray, skin_lightness: float) -> np.ndarray:
         ("white", (L > Ls + p["white_min_dl"]) & (C < p["white_max_c"])),
         (
             "blue_grey",
-            not_black
-            & (L < Ls - p["blue_grey_min_dl"])
-            & ((b < p["blue_grey_max_b"]) | (C < p["blue_grey_max_c"])),
+            not_black & (L < Ls - p["blue_grey_min_dl"]) & ((b < p["blue_grey_max_b"]) | (C < p["blue_grey_max_c"])),
         ),
         ("red", not_black & (L < Ls + 4.0) & (a > p["red_min_a"]) & ((hue < p["red_max_hue"]) | (hue > 330.0))),
         ("dark_brown", not_black & (L < p["dark_brown_max_l"]) & warm & (C >= p["dark_brown_min_c"])),
         (
             "light_brown",
-            (L >= p["dark_brown_max_l"])
-            & (L < Ls - p["light_brown_min_dl"])
-            & warm
-            & (C >= p["light_brown_min_c"]),
+            (L >= p["dark_brown_max_l"]) & (L < Ls - p["light_brown_min_dl"]) & warm & (C >= p["light_brown_min_c"]),
         ),
     ]
     for name, cond in rules:
@@ -602,12 +597,7 @@ def _write_cache(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
             writer = csv.DictWriter(fh, fieldnames=list(_CACHE_FIELDS), extrasaction="ignore")
             writer.writeheader()
             for row in rows:
-                writer.writerow(
-                    {
-                        k: (int(bool(row[k])) if k == "segmentation_ok" else row[k])
-                        for k in _CACHE_FIELDS
-                    }
-                )
+                writer.writerow({k: (int(bool(row[k])) if k == "segmentation_ok" else row[k]) for k in _CACHE_FIELDS})
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -749,8 +739,12 @@ def isic2017_records(
         _write_cache(
             cache_path,
             (
-                {**cache[sha], "sha256": sha, "image_id": by_sha.get(sha, {}).get("image_id", ""),
-                 "measure_version": MEASURE_VERSION}
+                {
+                    **cache[sha],
+                    "sha256": sha,
+                    "image_id": by_sha.get(sha, {}).get("image_id", ""),
+                    "measure_version": MEASURE_VERSION,
+                }
                 for sha in sorted(cache)
             ),
         )

@@ -32,8 +32,11 @@ STATE_FILE = ".medcbm_inference.json"
 
 
 def prediction_columns(class_names: Sequence[str]) -> list[str]:
-    return (["image", "status", "error", "prediction", "probability"] + [f"prob_{c}" for c in class_names]
-            + ["top_concepts", "sample"])
+    return (
+        ["image", "status", "error", "prediction", "probability"]
+        + [f"prob_{c}" for c in class_names]
+        + ["top_concepts", "sample"]
+    )
 
 
 def format_top_concepts(concept_ids: Sequence[str], contributions: np.ndarray, top_k: int = 5) -> str:
@@ -132,8 +135,10 @@ class InferenceRunner:
         records, is_sample = self._records()
         fingerprint = self._run_fingerprint()
         previous = self._previous_rows(out_csv, fingerprint)
-        atomic_write_text(self.output_dir / STATE_FILE, json.dumps({"model": fingerprint, "info": _jsonable(
-            getattr(net, "model_info", {}))}, indent=2))
+        atomic_write_text(
+            self.output_dir / STATE_FILE,
+            json.dumps({"model": fingerprint, "info": _jsonable(getattr(net, "model_info", {}))}, indent=2),
+        )
         columns = prediction_columns(net.targets)
         rows: list[dict[str, Any] | None] = [None] * len(records)
         todo: list[int] = []
@@ -166,16 +171,20 @@ class InferenceRunner:
         n_err = sum(1 for r in rows if r is not None and r["status"] != "ok")
         logger.info("wrote %s: %d rows, %d errors", out_csv, len(rows), n_err)
         if n_err and self.exit_on_error:
-            print(f"medcbm: {n_err} of {len(rows)} inputs failed; see the 'error' column of {out_csv}",
-                  file=sys.stderr)
+            print(f"medcbm: {n_err} of {len(rows)} inputs failed; see the 'error' column of {out_csv}", file=sys.stderr)
             sys.exit(1)
         return n_err
 
     def _ok_row(self, rec: InputRecord, proba: np.ndarray, contrib: np.ndarray, is_sample: bool) -> dict[str, Any]:
         net = self.network
         c = int(np.argmax(proba))
-        row: dict[str, Any] = {"image": rec.image, "status": "ok", "error": "", "prediction": net.targets[c],
-                               "probability": f"{proba[c]:.6f}"}
+        row: dict[str, Any] = {
+            "image": rec.image,
+            "status": "ok",
+            "error": "",
+            "prediction": net.targets[c],
+            "probability": f"{proba[c]:.6f}",
+        }
         for name, p in zip(net.targets, proba):
             row[f"prob_{name}"] = f"{p:.6f}"
         row["top_concepts"] = format_top_concepts(net.concepts, contrib[c], self.top_k)
@@ -187,7 +196,12 @@ class InferenceRunner:
         if rec.image not in msg and str(rec.path) not in msg:
             msg = f"{rec.image}: {msg}"
         logger.warning("error on input: %s", msg)
-        return {"image": rec.image, "status": "error", "error": msg.replace("\n", " "), "sample": str(is_sample).lower()}
+        return {
+            "image": rec.image,
+            "status": "error",
+            "error": msg.replace("\n", " "),
+            "sample": str(is_sample).lower(),
+        }
 
     @staticmethod
     def _write(out_csv: Path, columns: list[str], rows: list[dict[str, Any] | None]) -> None:
@@ -202,4 +216,3 @@ class InferenceRunner:
 
 def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
     return {k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v)) for k, v in d.items()}
-

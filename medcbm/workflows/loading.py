@@ -79,14 +79,19 @@ def load_bundle_network(
     if state is not None and state[1].get("backbone_fingerprint") == bk.fingerprint:
         tensors, meta = state
         net = _network_from_state(bk, bank, tensors, meta, cbm_path)
-        info.update(fit="trained", cbm_file=str(cbm_path), grounding=meta["grounding_mode"],
-                     trained_on=meta.get("trained_on", ""))
+        info.update(
+            fit="trained",
+            cbm_file=str(cbm_path),
+            grounding=meta["grounding_mode"],
+            trained_on=meta.get("trained_on", ""),
+        )
     else:
         if state is not None:
             logger.warning(
                 "%s was fitted on another backbone than %s: grounding concepts zero-shot by text with a "
                 "prior-only head. Re-fit on your data with configs/train.yaml for calibrated predictions.",
-                cbm_path, spec,
+                cbm_path,
+                spec,
             )
         net = zero_shot_network(bk, bank)
         info.update(fit="zero-shot prior head", grounding="text")
@@ -104,23 +109,33 @@ def zero_shot_network(bk: Backbone, bank: ConceptBank) -> ConceptBottleneckClass
     return ConceptBottleneckClassifier.from_head(bk.image_encoder(), grounding, head, bank.concept_ids, bank.classes)
 
 
-def _network_from_state(bk: Backbone, bank: ConceptBank, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
-                        path: Path) -> ConceptBottleneckClassifier:
+def _network_from_state(
+    bk: Backbone, bank: ConceptBank, tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path
+) -> ConceptBottleneckClassifier:
     ids = meta["concept_ids"]
     unknown = [c for c in ids if c not in bank.concept_ids]
     if unknown:
-        raise ValueError(f"{path} uses concepts {unknown} that are not in the concept bank {bank.path}; re-fit the model")
+        raise ValueError(
+            f"{path} uses concepts {unknown} that are not in the concept bank {bank.path}; re-fit the model"
+        )
     if [c.lower() for c in meta["class_names"]] != [c.lower() for c in bank.classes]:
         raise ValueError(f"{path} predicts {meta['class_names']} but the concept bank has {bank.classes}")
     sub = bank.subset(ids)
-    g_tensors = {k[len("grounding."):]: v for k, v in tensors.items() if k.startswith("grounding.")}
+    g_tensors = {k[len("grounding.") :]: v for k, v in tensors.items() if k.startswith("grounding.")}
     grounding = ConceptGrounding.from_tensors(meta["grounding_mode"], g_tensors)
     if isinstance(grounding, TextGrounding) and meta.get("concept_text_fingerprint") != sub.text_fingerprint():
         # Concept wording changed since the fit: its stored text embeddings are stale.
         logger.warning("concept texts changed since %s was fitted: recomputing their text embeddings", path)
         grounding.text_embeddings.copy_(bk.encode_texts(sub.texts))
-    net = ConceptBottleneckClassifier(bk.image_encoder(), grounding, tensors["head.weight"], tensors["head.bias"],
-                                      ids, bank.classes, tensors.get("neutral"))
+    net = ConceptBottleneckClassifier(
+        bk.image_encoder(),
+        grounding,
+        tensors["head.weight"],
+        tensors["head.bias"],
+        ids,
+        bank.classes,
+        tensors.get("neutral"),
+    )
     if "extra.source_class_means" in tensors:
         net.register_buffer("source_class_means", tensors["extra.source_class_means"])
     return net
@@ -154,8 +169,9 @@ def save_bundle_network(
     summary: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``models_dir/cbm.safetensors`` for ``fitted`` on ``backbone`` (whose weights are not copied)."""
-    net = ConceptBottleneckClassifier.from_head(None, fitted.grounding, fitted.head, fitted.bank.concept_ids,
-                                                fitted.bank.classes, fitted.neutral)
+    net = ConceptBottleneckClassifier.from_head(
+        None, fitted.grounding, fitted.head, fitted.bank.concept_ids, fitted.bank.classes, fitted.neutral
+    )
     meta = {
         "backbone_spec": backbone.spec if not backbone.spec.startswith("local-dir:") else "local-dir",
         "backbone_pretrained": backbone.pretrained,

@@ -146,13 +146,21 @@ class TrainingRunner:
         va = self._split(self.val, bank, pipeline, bk, cache)
         text_embeddings = bk.encode_texts(bank.texts)
         fitted = fit_cbm(
-            bank, tr["features"], tr["y"], va["features"], va["y"], tr["concepts"], va["concepts"],
-            mode=self.grounding, text_embeddings=text_embeddings, prior_strength=self.prior_strength,
+            bank,
+            tr["features"],
+            tr["y"],
+            va["features"],
+            va["y"],
+            tr["concepts"],
+            va["concepts"],
+            mode=self.grounding,
+            text_embeddings=text_embeddings,
+            prior_strength=self.prior_strength,
             drop_ungroundable=self.drop_ungroundable,
         )
         self.output_dir.mkdir(parents=True, exist_ok=True)
         if spec.startswith(LOCAL_DIR):  # a models folder must stand alone: carry a local backbone along
-            src, dst = Path(spec[len(LOCAL_DIR):]), self.output_dir / BACKBONE_DIR
+            src, dst = Path(spec[len(LOCAL_DIR) :]), self.output_dir / BACKBONE_DIR
             if src.resolve() != dst.resolve():
                 shutil.copytree(src, dst, dirs_exist_ok=True)
         keep = [bank.concept_ids.index(c) for c in fitted.bank.concept_ids]
@@ -161,8 +169,9 @@ class TrainingRunner:
             "n_train": int(len(tr["y"])),
             "n_val": int(len(va["y"])),
         }
-        save_bundle_network(self.output_dir, fitted, bk, self.channel_mode,
-                            text_embeddings=text_embeddings[keep], summary=summary)
+        save_bundle_network(
+            self.output_dir, fitted, bk, self.channel_mode, text_embeddings=text_embeddings[keep], summary=summary
+        )
         report = {
             **summary,
             "backbone": spec if not spec.startswith("local-dir:") else "bundle backbone (local-dir)",
