@@ -71,11 +71,12 @@ def wbcatt_attribute_accuracy(net, scores: np.ndarray, concept_labels: np.ndarra
     return out
 
 
-def evaluate(bundle: str) -> dict:
-    data = bundle_split_features(bundle)
+def evaluate(bundle: str, models_dir: str | None = None) -> dict:
+    models = Path(models_dir) if models_dir else REPO / "bundles" / bundle / "models"
+    data = bundle_split_features(bundle, backbone=f"local-dir:{models / 'backbone'}")
     bank = data["bank"]
     net = load_bundle_network(
-        REPO / "bundles" / bundle / "models",
+        models,
         REPO / "bundles" / bundle / "configs" / "concepts.yaml",
         channel_mode="grey" if bundle == "cxr_cbm" else "rgb",
     )
@@ -115,8 +116,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bundle", nargs="+", default=["blood_cbm", "cxr_cbm", "derm_cbm"])
     ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--models-dir", default=None, help="evaluate this models folder (one bundle) instead")
     args = ap.parse_args()
-    results = nan_safe({b: evaluate(b) for b in args.bundle})
+    results = nan_safe({b: evaluate(b, args.models_dir) for b in args.bundle})
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

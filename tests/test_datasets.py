@@ -172,3 +172,19 @@ def test_nih_concept_labels() -> None:
     assert all(r["findings"] for r in abnormal)
     for c in bank.concept_ids:  # every concept has at least one positive image
         assert any(r[c] == 1.0 for r in records), c
+
+
+@pytest.mark.skipif(shared_data_root() is None, reason="../shared/data not present")
+def test_pneumoniamnist_records_written_once_as_png(tmp_path):
+    from medcbm.datasets import pneumoniamnist_records
+    from medcbm.transforms import read_image
+
+    recs = pneumoniamnist_records(splits=("val",), cache_dir=tmp_path)
+    assert len(recs) == 270 and {r["label"] for r in recs} == {"normal", "abnormal"}
+    ab = next(r for r in recs if r["label"] == "abnormal")
+    no = next(r for r in recs if r["label"] == "normal")
+    assert ab["air_bronchograms"] == 1.0 and no["air_bronchograms"] == 0.0
+    assert read_image(ab["image"]).shape == (28, 28, 1)
+    mtime = Path(ab["image"]).stat().st_mtime_ns
+    pneumoniamnist_records(splits=("val",), cache_dir=tmp_path)
+    assert Path(ab["image"]).stat().st_mtime_ns == mtime  # reused, not rewritten
