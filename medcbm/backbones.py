@@ -7,7 +7,10 @@ A backbone is named the way open_clip names models:
   (how every bundle ships its default weights; needs no network);
 - ``hf-hub:org/repo``: weights on the Hugging Face hub (needs network the first time), e.g.
   ``hf-hub:yyupenn/whylesionclip``;
-- an open_clip model name plus ``pretrained`` (a tag such as ``openai`` or a local weights file).
+- an open_clip model name plus ``pretrained`` (a tag such as ``openai`` or a local weights file);
+- a preset name from :data:`BACKBONE_PRESETS` (``whylesionclip``, ``whyxrayclip``, ``biomedclip``).
+
+Hub weights of the presets are checked against a pinned sha256 before they are loaded.
 
 Weights are loaded safely: safetensors, or ``torch.load(weights_only=True)`` inside open_clip.
 """
@@ -29,6 +32,8 @@ from safetensors.torch import save_file
 open_clip, _has_open_clip = optional_import("open_clip")
 
 __all__ = [
+    "BACKBONE_PRESETS",
+    "verify_hub_weights",
     "Backbone",
     "ImageEncoder",
     "load_backbone",
@@ -45,6 +50,50 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 LOCAL_DIR = "local-dir:"
 HF_HUB = "hf-hub:"
+
+#: Named hub backbones (``--backbone whylesionclip`` works like the full spec). ``sha256`` is the Git LFS
+#: object hash of the weights file published on the Hugging Face model page; a download that does not
+#: match is refused before any weights are read.
+BACKBONE_PRESETS: dict[str, dict[str, str]] = {
+    "whylesionclip": {
+        "spec": "hf-hub:yyupenn/whylesionclip",
+        "weights": "open_clip_pytorch_model.bin",
+        "sha256": "2566a9c22f9ee9a3991a5b469942baadb8da4c46abd06220745f68fba073ec7a",
+    },
+    "whyxrayclip": {
+        "spec": "hf-hub:yyupenn/whyxrayclip",
+        "weights": "open_clip_pytorch_model.bin",
+        "sha256": "4864860e7c25f4648b3d7ca8ce473901dd9864e8a4536bdb23b7c77f4930740f",
+    },
+    "biomedclip": {
+        "spec": "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+        "weights": "open_clip_pytorch_model.bin",
+        "sha256": "52cc993c5c5ff962bd0c60931874bc001e7e9b41666a385530f4a036294576be",
+    },
+}
+
+
+def verify_hub_weights(spec: str) -> Path | None:
+    """Download (or find in the HF cache) a preset hub backbone's weights and check their sha256.
+
+    Returns the verified file, or ``None`` for a spec without a pinned hash.
+
+    Raises:
+        ValueError: the file's sha256 differs from the pinned one (the file is named in the message).
+    """
+    preset = next((p for p in BACKBONE_PRESETS.values() if p["spec"] == spec), None)
+    if preset is None:
+        return None
+    from huggingface_hub import hf_hub_download
+
+    path = Path(hf_hub_download(spec[len(HF_HUB) :], preset["weights"]))
+    digest = file_sha256(path)
+    if digest != preset["sha256"]:
+        raise ValueError(
+            f"{path}: sha256 {digest} does not match the pinned {preset['sha256']} for {spec}; "
+            "refusing to load these weights (delete the file and download again)"
+        )
+    return path
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -138,6 +187,9 @@ def load_backbone(spec: str, pretrained: str | None = None, device: str | torch.
     """
     if not spec:
         raise ValueError("backbone spec is empty; use 'local-dir:PATH', 'hf-hub:org/repo' or an open_clip model name")
+    spec = BACKBONE_PRESETS.get(spec, {}).get("spec", spec)
+    if spec.startswith(HF_HUB):
+        verify_hub_weights(spec)
     if spec.startswith(LOCAL_DIR):
         folder = Path(spec[len(LOCAL_DIR) :])
         cfg_path = folder / "open_clip_config.json"

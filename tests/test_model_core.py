@@ -192,3 +192,19 @@ def test_extraction_keeps_going_past_bad_files(tiny_backbone_spec, tmp_path):
     res = extract_features([good[0], bad, tmp_path / "missing.png", good[1]], bk.image_encoder(), pipe)
     assert res.ok == [0, 3]
     assert str(bad) in res.errors[1] and "missing.png" in res.errors[2]
+
+
+def test_hub_weights_are_hash_checked_before_loading(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from medcbm.backbones import BACKBONE_PRESETS, verify_hub_weights
+
+    fake = tmp_path / "open_clip_pytorch_model.bin"
+    fake.write_bytes(b"tampered weights")
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(fake))
+    with pytest.raises(ValueError, match="does not match the pinned"):
+        load_backbone("whyxrayclip")  # preset name resolves to the hub spec and is verified first
+    good = BACKBONE_PRESETS["biomedclip"]
+    monkeypatch.setitem(good, "sha256", __import__("hashlib").sha256(b"tampered weights").hexdigest())
+    assert verify_hub_weights(good["spec"]) == fake
+    assert verify_hub_weights("hf-hub:someone/unpinned") is None
