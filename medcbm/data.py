@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from medcbm.transforms import SUPPORTED_SUFFIXES, supported_suffix
+from medcbm.transforms import SUPPORTED_SUFFIXES, FileReasonError, supported_suffix
 
 __all__ = [
     "InputRecord",
@@ -66,24 +66,8 @@ class InputRecord:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class InputListError(ValueError):
-    """The input folder or CSV cannot be listed.
-
-    Attributes:
-        path: the folder or CSV, as a string.
-        reason: a short reason.
-    """
-
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
-        self.path = os.fspath(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.path, self.reason))
+class InputListError(FileReasonError):
+    """The input folder or CSV cannot be listed (``path``: the folder or CSV; ``reason``: why)."""
 
 
 # --------------------------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ from monai.utils import TransformBackends
 __all__ = [
     "SUPPORTED_SUFFIXES",
     "CHANNEL_MODES",
+    "FileReasonError",
     "ImageReadError",
     "supported_suffix",
     "read_image",
@@ -72,16 +73,12 @@ _PIL_NATIVE_MODES = ("L", "LA", "I", "F", "RGB", "RGBA")
 _MAX_REASON = 160
 
 
-class ImageReadError(ValueError):
-    """An image could not be read.
-
-    Args:
-        path: the file, as the caller named it.
-        reason: a short, human-readable reason (never contains DICOM header values).
+class FileReasonError(ValueError):
+    """A file or folder could not be used; ``str()`` is ``"<path>: <reason>"``.
 
     Attributes:
-        path: the file, as a string.
-        reason: the reason.
+        path: the file, as the caller named it (a string).
+        reason: a short, human-readable reason (never contains DICOM header values).
     """
 
     def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
@@ -94,6 +91,10 @@ class ImageReadError(ValueError):
 
     def __reduce__(self) -> tuple[Any, ...]:  # keep both attributes through pickling (worker processes)
         return (type(self), (self.path, self.reason))
+
+
+class ImageReadError(FileReasonError):
+    """An image could not be read."""
 
 
 def supported_suffix(path: str | os.PathLike[str]) -> str | None:
