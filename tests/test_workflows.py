@@ -139,13 +139,17 @@ def test_refit_rejects_unknown_labels_and_bad_concept_values(toy_site):
     _write_csv(tmp / "imgs" / "train.csv", bad, False)
     _write_csv(tmp / "imgs" / "val.csv", rows[1::2], False)
     with pytest.raises(ValueError, match=r"train.csv row 2: unknown class 'purple'"):
-        TrainingRunner(bank, tmp / "imgs" / "train.csv", tmp / "imgs" / "val.csv", tmp / "x", models).run()
+        TrainingRunner(
+            bank, tmp / "imgs" / "train.csv", tmp / "imgs" / "val.csv", tmp / "x", models, exit_on_error=False
+        ).run()
     with open(tmp / "imgs" / "train.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "label", "red_area"])
         w.writerow(["reddish_0.png", "reddish", "maybe"])
     with pytest.raises(ValueError, match="row 2 column red_area: concept label 'maybe'"):
-        TrainingRunner(bank, tmp / "imgs" / "train.csv", tmp / "imgs" / "val.csv", tmp / "x", models).run()
+        TrainingRunner(
+            bank, tmp / "imgs" / "train.csv", tmp / "imgs" / "val.csv", tmp / "x", models, exit_on_error=False
+        ).run()
 
 
 def test_adaptation_file_applies_edit_and_rejects_unknown_concepts(tmp_path):
@@ -181,3 +185,37 @@ def test_checkpoint_export_traces_the_network(tmp_path):
     ts = torch.jit.load(str(tmp_path / "model.ts"))
     x = torch.rand(2, 3, 96, 96)
     torch.testing.assert_close(ts(x), net(x))
+
+
+@pytest.mark.parametrize(
+    "config, args, message",
+    [
+        ("inference.yaml", ["--workflow_type", "infer", "--input", "{tmp}/bad.csv"], "CSV has no 'image' column"),
+        ("inference.yaml", ["--workflow_type", "infer", "--input", "{tmp}/nowhere"], "input not found"),
+        ("train.yaml", ["--workflow_type", "train"], "needs --train TRAIN.csv and --val VAL.csv"),
+    ],
+)
+def test_cli_bad_input_lists_fail_with_one_clear_line(tmp_path, config, args, message):
+    import subprocess
+    import sys
+
+    (tmp_path / "bad.csv").write_text("path,label\na.png,neutrophil\n")
+    b = "bundles/blood_cbm"
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--bundle_root",
+        b,
+        "--config_file",
+        f"{b}/configs/{config}",
+        "--meta_file",
+        f"{b}/configs/metadata.json",
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    cmd += [a.format(tmp=tmp_path) for a in args]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..data import InputRecord, list_inputs, make_sample_inputs
+from ..data import InputListError, InputRecord, list_inputs, make_sample_inputs
 from ..networks import ConceptBottleneckClassifier
 
 __all__ = ["InferenceRunner", "prediction_columns", "format_top_concepts", "atomic_write_text"]
@@ -132,7 +132,13 @@ class InferenceRunner:
         net = self.network.to(self.device).eval()
         out_csv = self.output_dir / "predictions.csv"
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        records, is_sample = self._records()
+        try:
+            records, is_sample = self._records()
+        except InputListError as e:  # nothing to process: say why in one line, not a config traceback
+            if not self.exit_on_error:
+                raise
+            print(f"medcbm: cannot read the input list: {e}", file=sys.stderr)
+            sys.exit(2)
         fingerprint = self._run_fingerprint()
         previous = self._previous_rows(out_csv, fingerprint)
         atomic_write_text(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,7 +21,7 @@ import numpy as np
 
 from ..backbones import LOCAL_DIR, load_backbone
 from ..concepts import ConceptBank, load_concept_bank
-from ..data import InputRecord, list_inputs
+from ..data import InputListError, InputRecord, list_inputs
 from ..features import FeatureCache, default_cache_dir, extract_features
 from ..fitting import fit_cbm
 from ..transforms import ClinicalImagePipeline
@@ -76,13 +77,15 @@ class TrainingRunner:
         cache_dir: feature cache folder (default ``~/.cache/medcbm/features``).
         trained_on: a description of the data, recorded in the fitted model.
         drop_ungroundable: drop concepts whose grounding is no better than chance on ``val``.
+        exit_on_error: on bad input end the process with status 2 and a one-line reason (the bundle CLI);
+            ``False`` raises instead (the Python API).
     """
 
     def __init__(
         self,
         concepts_file: str | Path,
-        train: str | Path,
-        val: str | Path,
+        train: str | Path | None,
+        val: str | Path | None,
         output_dir: str | Path,
         models_dir: str | Path,
         backbone: str | None = None,
@@ -94,11 +97,10 @@ class TrainingRunner:
         batch_size: int = 32,
         trained_on: str = "",
         drop_ungroundable: bool = True,
+        exit_on_error: bool = True,
     ):
-        if not train or not val or str(train) == "None" or str(val) == "None":
-            raise ValueError("train.yaml needs --train TRAIN.csv and --val VAL.csv (columns image, label)")
         self.concepts_file = concepts_file
-        self.train, self.val = Path(train), Path(val)
+        self.train, self.val = (None if v in (None, "", "None") else Path(v) for v in (train, val))
         self.output_dir = Path(output_dir)
         self.models_dir = Path(models_dir)
         self.backbone = backbone
@@ -110,6 +112,7 @@ class TrainingRunner:
         self.batch_size = batch_size
         self.trained_on = trained_on
         self.drop_ungroundable = drop_ungroundable
+        self.exit_on_error = exit_on_error
 
     def _split(self, csv_path: Path, bank: ConceptBank, pipeline, bk, cache) -> dict[str, Any]:
         records = list_inputs(csv_path)
@@ -136,6 +139,18 @@ class TrainingRunner:
         }
 
     def run(self) -> dict[str, Any]:
+        """Fit and write the models folder; bad CSVs end the process with a one-line reason (status 2)."""
+        try:
+            return self._run()
+        except (InputListError, ValueError, FileNotFoundError) as e:
+            if not self.exit_on_error:
+                raise
+            print(f"medcbm: cannot fit: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    def _run(self) -> dict[str, Any]:
+        if self.train is None or self.val is None:
+            raise ValueError("train.yaml needs --train TRAIN.csv and --val VAL.csv (columns image, label)")
         t0 = time.time()
         bank = load_concept_bank(self.concepts_file)
         spec = self.backbone or default_backbone_spec(self.models_dir)
