@@ -94,6 +94,9 @@ def fit_cbm(
         drop_ungroundable: remove concepts whose grounding is not better than chance on validation
             (for ``probe`` also concepts without labels). Kept when no concept labels exist at all.
     """
+    missing = [bank.classes[c] for c in range(bank.num_classes) if not np.any(np.asarray(train_y) == c)]
+    if missing:
+        raise ValueError(f"the training data has no image of class(es) {missing}; every class needs examples")
     if mode == "auto":
         mode = choose_grounding_mode(train_concepts)
     Xtr = torch.as_tensor(np.asarray(train_features, dtype=np.float32))

@@ -219,3 +219,13 @@ def test_cli_bad_input_lists_fail_with_one_clear_line(tmp_path, config, args, me
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_refit_names_a_class_without_training_images(toy_site):
+    tmp, bank, rows, models = toy_site
+    _write_csv(tmp / "imgs" / "train.csv", [r for r in rows if r[1] == "reddish"], False)
+    _write_csv(tmp / "imgs" / "val.csv", rows[1::2], False)
+    with pytest.raises(ValueError, match=r"no image of class\(es\) \['bluish'\]"):
+        TrainingRunner(
+            bank, tmp / "imgs" / "train.csv", tmp / "imgs" / "val.csv", tmp / "x", models, exit_on_error=False
+        ).run()
