@@ -1,10 +1,16 @@
 # Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
 """Sanity check of the measured ABCD concepts on ISIC 2017; prints JSON.
 
-For each of the nine measured concepts: prevalence in the carved train split, the positive rate per
-class in train and in the held-out test split (thresholds fitted on train only), whether the per-class
-rates agree with the derm concept bank's prior (a +1 class should show the concept more often than a
--1 class), and the melanoma-vs-nevus AUC of the underlying continuous measure.
+For each measured concept (``MEASURED_CONCEPTS``: the ABCD measures and the structure measures):
+prevalence in the carved train split, the positive rate per class in train and in the held-out test
+split (thresholds fitted on train only), whether the per-class rates agree with the derm concept bank's
+prior (a +1 class should show the concept more often than a -1 class), and the AUC of the underlying
+continuous measure for melanoma vs nevus and for seborrheic keratosis vs the other two classes.
+
+Concepts whose prior has a +1 class but no -1 class (e.g. ``milia_like_cysts``: +1 for seborrheic
+keratosis only) have no such check; for them ``prior_checks_vs_unspecified`` compares the +1 class with
+each class of prior 0 (weaker: 0 means "not specific", not "absent"), counted separately in
+``prior_agreement_vs_unspecified``.
 
 Usage::
 
@@ -53,6 +59,19 @@ def _rate(records: Sequence[dict[str, Any]], cid: str) -> tuple[float, int]:
     return (float(vals.mean()) if vals.size else float("nan")), int(vals.size)
 
 
+def _finite(x: Any) -> bool:
+    try:
+        return x is not None and math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def _mean(records: Sequence[dict[str, Any]], key: str) -> float:
+    """Mean of the finite values of ``key`` (NaN marks a measure that could not be computed)."""
+    vals = [float(r[key]) for r in records if _finite(r[key])]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
 def _r(x: float, nd: int = 3) -> float | None:
     return None if x is None or not math.isfinite(x) else round(float(x), nd)
 
@@ -67,7 +86,7 @@ def summarise(records: Sequence[dict[str, Any]], thresholds: dict[str, float]) -
     }
     train = [r for r in records if r["split"] == "train"]
     concepts: dict[str, Any] = {}
-    agree = total = 0
+    agree = total = soft_agree = soft_total = 0
     for cid, key in MEASURED_CONCEPTS.items():
         rates = {c: _rate(by[("train", c)], cid)[0] for c in ISIC2017_CLASSES}
         rates_test = {c: _rate(by[("test", c)], cid)[0] for c in ISIC2017_CLASSES}
@@ -81,8 +100,20 @@ def summarise(records: Sequence[dict[str, Any]], thresholds: dict[str, float]) -
                     checks.append({"more_in": cp, "than_in": cn, "ok": bool(ok)})
                     agree += int(ok)
                     total += 1
-        mel = np.array([r[key] for r in by[("train", "melanoma")]], dtype=np.float64)
-        nev = np.array([r[key] for r in by[("train", "nevus")]], dtype=np.float64)
+        soft = []
+        if not checks and any(v == 1 for v in prior.values()):
+            for cp in ISIC2017_CLASSES:
+                for cn in ISIC2017_CLASSES:
+                    if prior[cp] == 1 and prior[cn] == 0:
+                        ok = rates[cp] > rates[cn]
+                        soft.append({"more_in": cp, "than_in": cn, "ok": bool(ok)})
+                        soft_agree += int(ok)
+                        soft_total += 1
+        train_values = {
+            c: np.array([r[key] for r in by[("train", c)] if _finite(r[key])], dtype=np.float64)
+            for c in ISIC2017_CLASSES
+        }
+        mel, nev, sk = train_values["melanoma"], train_values["nevus"], train_values["seborrheic_keratosis"]
         concepts[cid] = {
             "measure": key,
             "threshold": _r(thresholds[key], 4),
@@ -91,12 +122,11 @@ def summarise(records: Sequence[dict[str, Any]], thresholds: dict[str, float]) -
             "rate_test": {c: _r(v) for c, v in rates_test.items()},
             "prior": prior,
             "prior_checks": checks,
+            "prior_checks_vs_unspecified": soft,
             "auc_melanoma_vs_nevus_train": _r(_auc(mel, nev)),
+            "auc_seborrheic_keratosis_vs_rest_train": _r(_auc(sk, np.concatenate([mel, nev]))),
         }
-    means = {
-        key: {c: _r(float(np.mean([r[key] for r in by[("train", c)]])), 4) for c in ISIC2017_CLASSES}
-        for key in MEASURE_KEYS
-    }
+    means = {key: {c: _r(_mean(by[("train", c)], key), 4) for c in ISIC2017_CLASSES} for key in MEASURE_KEYS}
     counts = {s: {c: len(by[(s, c)]) for c in ISIC2017_CLASSES} for s in ("train", "val", "test")}
     seg_ok = float(np.mean([bool(r["segmentation_ok"]) for r in records]))
     return {
@@ -104,6 +134,7 @@ def summarise(records: Sequence[dict[str, Any]], thresholds: dict[str, float]) -
         "counts": counts,
         "segmentation_ok_rate": _r(seg_ok),
         "prior_agreement": {"agree": agree, "total": total},
+        "prior_agreement_vs_unspecified": {"agree": soft_agree, "total": soft_total},
         "concepts": concepts,
         "measure_means_train": means,
     }

@@ -212,6 +212,161 @@ def test_measure_with_given_mask():
     assert m["segmentation_ok"]
 
 
+# ---- structure measures ----------------------------------------------------------------------------
+
+STRUCTURE_KEYS = (
+    "frac_blue_white_veil",
+    "dot_count",
+    "dots_irregularity",
+    "border_sharpness",
+    "colour_structure_asymmetry",
+)
+LIGHT_BROWN = (170, 120, 85)
+DOT = (60, 40, 30)
+
+
+def _disk_at(cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = _grid()
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+
+
+def _dotted(centres_radii, colour=DOT) -> np.ndarray:
+    img = _paint(_ellipse(60, 70), colour=LIGHT_BROWN).astype(np.float64)
+    for (cy, cx), r in centres_radii:
+        img[_disk_at(cy, cx, r)] = colour
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_structure_keys_are_measured_and_documented():
+    assert set(STRUCTURE_KEYS) <= set(df.MEASURE_KEYS)
+    for cid, key in (
+        ("blue_white_veil", "frac_blue_white_veil"),
+        ("irregular_dots_globules", "dots_irregularity"),
+        ("sharp_demarcation", "border_sharpness"),
+        ("asymmetric_colours_structures", "colour_structure_asymmetry"),
+    ):
+        assert df.MEASURED_CONCEPTS[cid] == key
+        assert key in df.DEFAULT_PERCENTILES
+        assert key in df.__doc__ and cid in df.__doc__
+    m = df.measure_abcd(_paint(_ellipse()))
+    for k in STRUCTURE_KEYS:
+        assert isinstance(m[k], float) and math.isfinite(m[k]) and m[k] >= 0.0, k
+
+
+def test_blue_white_veil_needs_a_confluent_bluish_whitish_area():
+    lesion = _ellipse(60, 70)
+    img = _paint(lesion).astype(np.float64)
+    patch = lesion & _ellipse(30, 35, cx=15)
+    img[patch] = (120, 140, 175)  # bluish, lighter than the brown lesion
+    veil = df.measure_abcd(np.clip(img, 0, 255).astype(np.uint8))
+    assert veil["segmentation_ok"]
+    assert veil["frac_blue_white_veil"] > 0.15
+    plain = df.measure_abcd(_paint(lesion))
+    assert plain["frac_blue_white_veil"] < 0.01
+    # the same colour scattered as isolated specks is not a confluent veil
+    specks = _paint(lesion).astype(np.float64)
+    yy, xx = _grid()
+    grid = lesion & (np.mod(np.rint(yy), 8) < 2) & (np.mod(np.rint(xx), 8) < 2)
+    specks[grid] = (120, 140, 175)
+    scattered = df.measure_abcd(np.clip(specks, 0, 255).astype(np.uint8))
+    assert scattered["frac_blue_white_veil"] < 0.02
+    thr = df.fit_abcd_thresholds([plain, scattered, veil])
+    assert thr["frac_blue_white_veil"] >= df.COLOUR_PRESENCE_FRACTION
+    assert df.abcd_concept_labels(veil, thr)["blue_white_veil"] == 1.0
+    assert df.abcd_concept_labels(plain, thr)["blue_white_veil"] == 0.0
+
+
+def test_dots_are_counted_and_hair_is_not():
+    centres = [((-30, -30), 2.5), ((-20, 25), 2.5), ((10, -40), 2.5), ((25, 10), 2.5), ((0, 0), 2.5)]
+    m = df.measure_abcd(_dotted(centres))
+    assert m["dot_count"] == 5
+    assert df.measure_abcd(_paint(_ellipse(60, 70), colour=LIGHT_BROWN))["dot_count"] == 0
+    hairy = _paint(_ellipse(60, 70), colour=LIGHT_BROWN)
+    yy, xx = _grid()
+    hairy[np.abs(yy - 0.4 * xx - 5) < 1.0] = (40, 30, 25)  # one long thin dark hair across the lesion
+    assert df.measure_abcd(hairy)["dot_count"] <= 1
+
+
+def test_irregular_dots_score_higher_than_regular_dots():
+    ring = [((35 * np.sin(t), 45 * np.cos(t)), 2.5) for t in np.linspace(0, 2 * np.pi, 8, endpoint=False)]
+    regular = df.measure_abcd(_dotted(ring))
+    clustered = [((-20, 30), 1.3), ((-10, 40), 3.5), ((5, 35), 1.5), ((20, 45), 4.0), ((-25, 50), 2.0)]
+    irregular = df.measure_abcd(_dotted(clustered))  # mixed sizes, all on one side
+    assert regular["dot_count"] >= 6 and irregular["dot_count"] >= 4
+    assert regular["dots_irregularity"] < 0.3
+    assert irregular["dots_irregularity"] > regular["dots_irregularity"] + 0.5
+    two = df.measure_abcd(_dotted(clustered[:2]))
+    assert two["dots_irregularity"] == 0.0  # fewer than 3 dots cannot be irregularly distributed
+    thr = df.fit_abcd_thresholds([regular, two, irregular], percentiles={"dots_irregularity": 50.0})
+    assert df.abcd_concept_labels(irregular, thr)["irregular_dots_globules"] == 1.0
+    assert df.abcd_concept_labels(regular, thr)["irregular_dots_globules"] == 0.0
+
+
+def _edge_image(blur: float) -> np.ndarray:
+    from scipy import ndimage as ndi
+
+    alpha = _ellipse(55, 65).astype(np.float64)
+    if blur > 0:
+        alpha = ndi.gaussian_filter(alpha, blur)
+    img = np.array(SKIN, dtype=np.float64) * (1 - alpha[..., None]) + np.array(BROWN) * alpha[..., None]
+    img += np.random.default_rng(0).normal(0, 3.0, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def test_sharp_edge_scores_higher_than_blurred_edge():
+    sharp, soft, softer = (df.measure_abcd(_edge_image(b)) for b in (0.0, 2.0, 4.0))
+    assert all(m["segmentation_ok"] for m in (sharp, soft, softer))
+    assert sharp["border_sharpness"] > 0.25
+    assert sharp["border_sharpness"] > soft["border_sharpness"] + 0.08
+    assert soft["border_sharpness"] > softer["border_sharpness"] + 0.02
+    # normalised by contrast: a fainter but equally sharp lesion is about as sharp
+    faint = _paint(_ellipse(55, 65), colour=(170, 120, 90))
+    assert df.measure_abcd(faint)["border_sharpness"] == pytest.approx(sharp["border_sharpness"], rel=0.25)
+    thr = df.fit_abcd_thresholds([sharp, soft, softer])
+    assert df.abcd_concept_labels(sharp, thr)["sharp_demarcation"] == 1.0
+    assert df.abcd_concept_labels(softer, thr)["sharp_demarcation"] == 0.0
+
+
+def test_colour_structure_asymmetry():
+    lesion = _ellipse(60, 70)
+    yy, xx = _grid()
+    two_tone = _paint(lesion, colour=(70, 40, 25))  # dark brown ...
+    two_tone[lesion & (xx > 0)] = (90, 100, 120)  # ... and a blue-grey half
+    concentric = _paint(lesion, colour=(90, 100, 120))
+    concentric[_ellipse(30, 35)] = (70, 40, 25)  # dark centre, blue-grey rim: symmetric
+    uniform = df.measure_abcd(_paint(lesion))
+    halves = df.measure_abcd(two_tone)
+    rings = df.measure_abcd(concentric)
+    assert uniform["colour_structure_asymmetry"] < 0.03
+    assert rings["colour_structure_asymmetry"] < 0.05
+    assert halves["colour_structure_asymmetry"] > 0.2  # about one axis: colour distance ~1, averaged
+    assert halves["asymmetry"] < 0.05  # the outline itself is symmetric
+    # structures: dots on one half only
+    right = [(cy, cx) for cy in range(-48, 49, 12) for cx in range(10, 70, 12) if (cy / 55) ** 2 + (cx / 65) ** 2 < 0.8]
+    one_side = df.measure_abcd(_dotted([(c, 3.0) for c in right]))
+    both_sides = df.measure_abcd(_dotted([(c, 3.0) for c in right] + [((cy, -cx), 3.0) for cy, cx in right]))
+    assert one_side["dot_count"] >= 15
+    assert one_side["colour_structure_asymmetry"] > both_sides["colour_structure_asymmetry"] + 0.03
+    thr = df.fit_abcd_thresholds([uniform, rings, halves])
+    assert df.abcd_concept_labels(halves, thr)["asymmetric_colours_structures"] == 1.0
+
+
+def test_structure_failure_gives_nan_not_a_crash(monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("synthetic failure")
+
+    monkeypatch.setattr(df, "_structure_measures_impl", boom)
+    with pytest.warns(UserWarning, match="structure measures failed"):
+        m = df.measure_abcd(_paint(_ellipse()))
+    assert m["segmentation_ok"]
+    assert all(math.isnan(m[k]) for k in STRUCTURE_KEYS)
+    assert math.isfinite(m["asymmetry"])
+    thr = df.fit_abcd_thresholds(_fake_measures(50))
+    lab = df.abcd_concept_labels(m, thr)
+    assert math.isnan(lab["sharp_demarcation"]) and math.isnan(lab["blue_white_veil"])
+    assert lab["asymmetric_shape"] in (0.0, 1.0)
+
+
 # ---- thresholds and labels -------------------------------------------------------------------------
 
 
