@@ -17,6 +17,26 @@ TINY_CFG = {
 }
 
 
+def bundle_command(bundle: str, config: str, *args: str) -> list[str]:
+    """The contract's ``python -m monai.bundle run`` command for ``bundles/<bundle>/configs/<config>``."""
+    import sys
+
+    b = f"bundles/{bundle}"
+    return [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--bundle_root",
+        b,
+        "--config_file",
+        f"{b}/configs/{config}",
+        "--meta_file",
+        f"{b}/configs/metadata.json",
+        *args,
+    ]
+
+
 def build_tiny_backbone(folder: Path, seed: int = 0, name: str = "medcbm-test-tiny") -> str:
     """Register a tiny model config with open_clip, build it, save it as a local-dir folder; return its spec."""
     import open_clip

@@ -7,14 +7,13 @@ import csv
 import os
 import shutil
 import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, bundle_command
 from medcbm.data import write_synthetic_dicom
 from medcbm.datasets.paths import shared_data_root
 
@@ -158,25 +157,16 @@ def test_cli_exit_status_and_error_rows(tmp_path):
     folder.mkdir()
     shutil.copy(img, folder / "cell.jpg")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
-    b = "bundles/blood_cbm"
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--bundle_root",
-        b,
-        "--config_file",
-        f"{b}/configs/inference.yaml",
-        "--meta_file",
-        f"{b}/configs/metadata.json",
+    cmd = bundle_command(
+        "blood_cbm",
+        "inference.yaml",
         "--workflow_type",
         "infer",
         "--input",
         str(folder),
         "--output_dir",
         str(tmp_path / "out"),
-    ]
+    )
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     rows = _read(tmp_path / "out" / "predictions.csv")

@@ -13,7 +13,7 @@ import torch
 import yaml
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, bundle_command
 from medcbm.backbones import load_backbone
 from medcbm.workflows import InferenceRunner, TrainingRunner, load_bundle_network
 
@@ -197,24 +197,9 @@ def test_checkpoint_export_traces_the_network(tmp_path):
 )
 def test_cli_bad_input_lists_fail_with_one_clear_line(tmp_path, config, args, message):
     import subprocess
-    import sys
 
     (tmp_path / "bad.csv").write_text("path,label\na.png,neutrophil\n")
-    b = "bundles/blood_cbm"
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--bundle_root",
-        b,
-        "--config_file",
-        f"{b}/configs/{config}",
-        "--meta_file",
-        f"{b}/configs/metadata.json",
-        "--output_dir",
-        str(tmp_path / "out"),
-    ]
+    cmd = bundle_command("blood_cbm", config, "--output_dir", str(tmp_path / "out"))
     cmd += [a.format(tmp=tmp_path) for a in args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
