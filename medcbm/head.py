@@ -177,7 +177,7 @@ class KnowledgePriorHead:
     def objective(
         self,
         theta: np.ndarray,
-        Xs: np.ndarray,
+        XsT: np.ndarray,
         y: np.ndarray,
         sample_w: np.ndarray,
         prior: np.ndarray | None,
@@ -185,20 +185,22 @@ class KnowledgePriorHead:
     ) -> tuple[float, np.ndarray]:
         """Loss and gradient in the standardised space (what L-BFGS-B minimises).
 
-        ``sample_w`` are per-sample cross-entropy weights summing to one (class-balanced or uniform).
+        ``XsT`` is the standardised design matrix transposed, ``(K, N)``: class-major arrays keep the
+        per-sample reductions over the few classes cheap. ``sample_w`` are per-sample cross-entropy weights
+        summing to one (class-balanced or uniform).
         """
-        W, b = self._unpack(theta, Xs.shape[1])
-        z = Xs @ W.T + b
-        z -= z.max(1, keepdims=True)
+        W, b = self._unpack(theta, XsT.shape[0])
+        cols = np.arange(len(y))
+        z = W @ XsT + b[:, None]  # (C, N)
+        z -= z.max(0)
         ez = np.exp(z)
-        sez = ez.sum(1)
-        rows = np.arange(len(y))
-        loss = float(sample_w @ (np.log(sez) - z[rows, y])) + self.l2 * float((W * W).sum())
-        gz = ez / sez[:, None]
-        gz[rows, y] -= 1.0
-        gz *= sample_w[:, None]
-        gW = gz.T @ Xs + 2 * self.l2 * W
-        gb = gz.sum(0)
+        sez = ez.sum(0)
+        loss = float(sample_w @ (np.log(sez) - z[y, cols])) + self.l2 * float((W * W).sum())
+        gz = ez / sez
+        gz[y, cols] -= 1.0
+        gz *= sample_w
+        gW = gz @ XsT.T + 2 * self.l2 * W
+        gb = gz.sum(1)
         if prior is not None and lam > 0:
             value, grad = _prior_value_grad(W, prior)
             loss += lam * value
@@ -213,12 +215,13 @@ class KnowledgePriorHead:
         self, theta0: np.ndarray, Xs: np.ndarray, y: np.ndarray, cw: np.ndarray, prior: np.ndarray | None, lam: float
     ) -> np.ndarray:
         sample_w = cw[y] / cw[y].sum()
+        XsT = np.ascontiguousarray(Xs.T)
         # ftol: stop when an iteration improves the loss by < 1e-9 (relative); KnoBo's prior keeps pushing
         # known weights towards saturation with ever smaller gains, which changes no prediction.
         res = minimize(
             self.objective,
             theta0,
-            args=(Xs, y, sample_w, prior, lam),
+            args=(XsT, y, sample_w, prior, lam),
             jac=True,
             method="L-BFGS-B",
             options={"maxiter": self.max_iter, "maxcor": 20, "ftol": 1e-9, "gtol": 1e-5},
