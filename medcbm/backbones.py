@@ -86,7 +86,14 @@ def verify_hub_weights(spec: str) -> Path | None:
         return None
     from huggingface_hub import hf_hub_download
 
-    path = Path(hf_hub_download(spec[len(HF_HUB) :], preset["weights"]))
+    try:
+        path = Path(hf_hub_download(spec[len(HF_HUB) :], preset["weights"]))
+    except Exception as e:  # offline, proxy, gated repo: say what to do instead of a hub traceback
+        raise RuntimeError(
+            f"cannot fetch {preset['weights']} of {spec} ({type(e).__name__}); with no internet, download it "
+            "elsewhere with `python -m monai.bundle download_large_files --bundle_path bundles/<name>` and use "
+            "--backbone local-dir:bundles/<name>/models/hub/<model>"
+        ) from e
     digest = file_sha256(path)
     if digest != preset["sha256"]:
         raise ValueError(

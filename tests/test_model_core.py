@@ -208,3 +208,10 @@ def test_hub_weights_are_hash_checked_before_loading(tmp_path, monkeypatch):
     monkeypatch.setitem(good, "sha256", __import__("hashlib").sha256(b"tampered weights").hexdigest())
     assert verify_hub_weights(good["spec"]) == fake
     assert verify_hub_weights("hf-hub:someone/unpinned") is None
+
+    def offline(repo, name):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(RuntimeError, match="cannot fetch open_clip_pytorch_model.bin of hf-hub:yyupenn/whyxrayclip"):
+        load_backbone("whyxrayclip")
