@@ -84,6 +84,9 @@ def test_default_run_on_generated_samples(bundle, tmp_path):
         probs = [float(r[f"prob_{c}"]) for c in BUNDLES[bundle]]
         assert abs(sum(probs) - 1) < 1e-4 and r["prediction"] in BUNDLES[bundle]
         assert float(r["probability"]) == pytest.approx(max(probs), abs=1e-6)
+        concept_cols = [k for k in r if k.startswith("concept_")]
+        assert concept_cols and all(0.0 <= float(r[k]) <= 1.0 for k in concept_cols)  # probe probabilities
+        assert {p.split("=")[0] for p in r["top_concepts"].split(";")} <= {k[len("concept_") :] for k in concept_cols}
         pairs = r["top_concepts"].split(";")
         assert 1 <= len(pairs) <= 5
         values = [float(p.split("=")[1]) for p in pairs]
@@ -211,3 +214,12 @@ def test_backbone_override_falls_back_to_zero_shot(tmp_path, tiny_backbone_spec)
     assert net.targets == BUNDLES["cxr_cbm"]
     with torch.no_grad():
         assert net(torch.rand(1, 3, 32, 32)).shape == (1, 2)
+
+
+def test_concept_columns_can_be_switched_off_and_a_rerun_then_recomputes(tmp_path):
+    out = tmp_path / "out"
+    with_cols = _run_infer("blood_cbm", output_dir=str(out))
+    without = _run_infer("blood_cbm", output_dir=str(out), concept_columns=False)
+    assert any(k.startswith("concept_") for k in with_cols[0])
+    assert not any(k.startswith("concept_") for k in without[0])
+    assert [r["prediction"] for r in without] == [r["prediction"] for r in with_cols]

@@ -31,11 +31,13 @@ logger = logging.getLogger(__name__)
 STATE_FILE = ".medcbm_inference.json"
 
 
-def prediction_columns(class_names: Sequence[str]) -> list[str]:
+def prediction_columns(class_names: Sequence[str], concept_ids: Sequence[str] = ()) -> list[str]:
+    """The contract's columns, then ``sample`` and one ``concept_<id>`` column per concept score (if any)."""
     return (
         ["image", "status", "error", "prediction", "probability"]
         + [f"prob_{c}" for c in class_names]
         + ["top_concepts", "sample"]
+        + [f"concept_{k}" for k in concept_ids]
     )
 
 
@@ -68,6 +70,8 @@ class InferenceRunner:
         device: torch device.
         batch_size: images per forward pass.
         top_k: concepts listed per row.
+        concept_columns: add one ``concept_<id>`` column per concept with its score (after any edit; for
+            probe grounding the calibrated probability that the concept or sign is present).
         exit_on_error: end the process with status 1 after writing all rows if any row is an error
             (what the bundle CLI wants); ``False`` returns the count instead.
     """
@@ -82,6 +86,7 @@ class InferenceRunner:
         batch_size: int = 16,
         top_k: int = 5,
         exit_on_error: bool = True,
+        concept_columns: bool = True,
     ):
         self.network = network
         self.output_dir = Path(output_dir)
@@ -91,6 +96,7 @@ class InferenceRunner:
         self.batch_size = int(batch_size)
         self.top_k = int(top_k)
         self.exit_on_error = exit_on_error
+        self.concept_columns = concept_columns
 
     # ------------------------------------------------------------------ helpers
     def _records(self) -> tuple[list[InputRecord], bool]:
@@ -100,9 +106,10 @@ class InferenceRunner:
             return [InputRecord(image=str(p), path=Path(p)) for p in paths], True
         return list_inputs(self.input), False
 
-    def _run_fingerprint(self) -> str:
+    def _run_fingerprint(self, columns: Sequence[str]) -> str:
+        """Hash of the model, its edit and the output columns: rows written under another one are recomputed."""
         net = self.network
-        h = hashlib.sha256()
+        h = hashlib.sha256(json.dumps(list(columns)).encode())
         h.update(getattr(net, "backbone_fingerprint", "").encode())
         for name, t in sorted(net.state_dict().items()):
             if not name.startswith("encoder."):
@@ -139,13 +146,13 @@ class InferenceRunner:
                 raise
             print(f"medcbm: cannot read the input list: {e}", file=sys.stderr)
             sys.exit(2)
-        fingerprint = self._run_fingerprint()
+        columns = prediction_columns(net.targets, net.concepts if self.concept_columns else ())
+        fingerprint = self._run_fingerprint(columns)
         previous = self._previous_rows(out_csv, fingerprint)
         atomic_write_text(
             self.output_dir / STATE_FILE,
             json.dumps({"model": fingerprint, "info": _jsonable(getattr(net, "model_info", {}))}, indent=2),
         )
-        columns = prediction_columns(net.targets)
         rows: list[dict[str, Any] | None] = [None] * len(records)
         todo: list[int] = []
         for i, rec in enumerate(records):
@@ -170,8 +177,9 @@ class InferenceRunner:
                 logits = net.head(scores)
                 proba = torch.softmax(logits, dim=1).cpu().numpy()
                 contrib = net.contributions_from_scores(scores).cpu().numpy()
+                raw_scores = scores.cpu().numpy()
                 for j, i in enumerate(ok):
-                    rows[i] = self._ok_row(records[i], proba[j], contrib[j], is_sample)
+                    rows[i] = self._ok_row(records[i], proba[j], contrib[j], raw_scores[j], is_sample)
             self._write(out_csv, columns, rows)
         self._write(out_csv, columns, rows)
         n_err = sum(1 for r in rows if r is not None and r["status"] != "ok")
@@ -181,7 +189,9 @@ class InferenceRunner:
             sys.exit(1)
         return n_err
 
-    def _ok_row(self, rec: InputRecord, proba: np.ndarray, contrib: np.ndarray, is_sample: bool) -> dict[str, Any]:
+    def _ok_row(
+        self, rec: InputRecord, proba: np.ndarray, contrib: np.ndarray, scores: np.ndarray, is_sample: bool
+    ) -> dict[str, Any]:
         net = self.network
         c = int(np.argmax(proba))
         row: dict[str, Any] = {
@@ -195,6 +205,8 @@ class InferenceRunner:
             row[f"prob_{name}"] = f"{p:.6f}"
         row["top_concepts"] = format_top_concepts(net.concepts, contrib[c], self.top_k)
         row["sample"] = "true" if is_sample else "false"
+        if self.concept_columns:
+            row.update({f"concept_{k}": f"{v:.6f}" for k, v in zip(net.concepts, scores)})
         return row
 
     def _error_row(self, rec: InputRecord, exc: BaseException, is_sample: bool) -> dict[str, Any]:
