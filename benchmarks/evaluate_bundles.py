@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import REPO, bundle_split_features, nan_safe
+from common import BUNDLES, REPO, bundle_split_features, nan_safe
 
 from medcbm.fitting import classification_metrics
 from medcbm.head import KnowledgePriorHead
@@ -78,7 +78,7 @@ def evaluate(bundle: str, models_dir: str | None = None) -> dict:
     net = load_bundle_network(
         models,
         REPO / "bundles" / bundle / "configs" / "concepts.yaml",
-        channel_mode="grey" if bundle == "cxr_cbm" else "rgb",
+        channel_mode=BUNDLES[bundle]["channel_mode"],
     )
     tr, va, te = (data["splits"][s] for s in ("train", "val", "test"))
     with torch.no_grad():

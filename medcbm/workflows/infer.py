@@ -181,7 +181,8 @@ class InferenceRunner:
                 for j, i in enumerate(ok):
                     rows[i] = self._ok_row(records[i], proba[j], contrib[j], raw_scores[j], is_sample)
             self._write(out_csv, columns, rows)
-        self._write(out_csv, columns, rows)
+        if not todo:  # every row was resumed: the batches above wrote nothing in this run
+            self._write(out_csv, columns, rows)
         n_err = sum(1 for r in rows if r is not None and r["status"] != "ok")
         logger.info("wrote %s: %d rows, %d errors", out_csv, len(rows), n_err)
         if n_err and self.exit_on_error:
