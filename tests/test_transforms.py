@@ -191,7 +191,7 @@ def test_missing_file_and_unsupported_suffix(tmp_path: Path) -> None:
 def test_directory_is_an_error(tmp_path: Path) -> None:
     d = tmp_path / "folder.png"
     d.mkdir()
-    with pytest.raises(ImageReadError, match="directory"):
+    with pytest.raises(ImageReadError, match="is a folder, not an image file"):
         read_image(d)
 
 
@@ -209,9 +209,9 @@ def test_dicom_monochrome1_is_inverted(tmp_path: Path) -> None:
     m2 = read_image(write_synthetic_dicom(tmp_path / "m2.dcm", data, "MONOCHROME2", bits=16))
     assert m1.shape == m2.shape == (24, 40, 1)
     np.testing.assert_allclose(m1, 1.0 - m2, atol=1e-6)
-    # MONOCHROME2: the high-valued block is bright and orientation is kept
-    assert m2[0, 0, 0] == pytest.approx(1.0) and m2[-1, -1, 0] < 0.7
-    np.testing.assert_allclose(m2[..., 0], (data - data.min()) / (data.max() - data.min()), atol=1e-6)
+    # MONOCHROME2: the high-valued block is bright and orientation is kept; the 16-bit stored range maps to [0, 1]
+    assert m2[0, 0, 0] == pytest.approx(60000 / 65535) and m2[-1, -1, 0] < 0.7
+    np.testing.assert_allclose(m2[..., 0], data / 65535.0, atol=1e-6)
 
 
 def test_dicom_window_applied(tmp_path: Path) -> None:
@@ -223,9 +223,9 @@ def test_dicom_window_applied(tmp_path: Path) -> None:
     assert np.all(row[data[0] >= 2500] == 1.0)
     mid = row[(data[0] > 1500) & (data[0] < 2500)]
     assert np.all(np.diff(mid) > 0) and 0.4 < row[data[0] == 2000][0] < 0.6
-    # without the window the same data is min-max scaled
+    # without the window the 12-bit stored range maps to [0, 1] (not the image's own min and max)
     plain = read_image(write_synthetic_dicom(tmp_path / "plain.dcm", data, bits=12))[..., 0]
-    np.testing.assert_allclose(plain[0], data[0] / 3900.0, atol=1e-6)
+    np.testing.assert_allclose(plain[0], data[0] / 4095.0, atol=1e-6)
 
 
 def test_dicom_window_with_monochrome1(tmp_path: Path) -> None:
@@ -238,19 +238,22 @@ def test_dicom_window_with_monochrome1(tmp_path: Path) -> None:
 def test_dicom_rescale_and_signed(tmp_path: Path) -> None:
     data = ramp(hi=2000) - 1000  # -1000 .. 1000 (CT-like)
     signed = read_image(write_synthetic_dicom(tmp_path / "s.dcm", data, bits=16, signed=True))[..., 0]
-    np.testing.assert_allclose(signed, (data - data.min()) / (data.max() - data.min()), atol=1e-6)
+    np.testing.assert_allclose(signed, (data + 32768) / 65535.0, atol=1e-6)  # signed 16-bit range
     # stored unsigned with a rescale intercept and a lung-ish window in rescaled units
     f = write_synthetic_dicom(tmp_path / "r.dcm", data + 1024, bits=12, rescale=(1.0, -1024.0), window=(0, 400))
     out = read_image(f)[..., 0]
     assert np.all(out[data <= -200] == 0.0) and np.all(out[data >= 200] == 1.0)
     signed12 = read_image(write_synthetic_dicom(tmp_path / "s12.dcm", data, bits=12, signed=True))[..., 0]
-    np.testing.assert_allclose(signed12, signed, atol=1e-6)
+    np.testing.assert_allclose(signed12, (data + 2048) / 4095.0, atol=1e-6)
+    # unsigned stored values with a rescale and no window: the rescaled stored range [-1024, 3071] maps to [0, 1]
+    r = write_synthetic_dicom(tmp_path / "r2.dcm", data + 1024, bits=12, rescale=(1.0, -1024.0))
+    np.testing.assert_allclose(read_image(r)[..., 0], (data + 1024) / 4095.0, atol=1e-6)
 
 
 def test_dicom_8bit(tmp_path: Path) -> None:
     data = ramp(hi=255)
     out = read_image(write_synthetic_dicom(tmp_path / "e.dcm", data, bits=8))[..., 0]
-    np.testing.assert_allclose(out, (data - data.min()) / (data.max() - data.min()), atol=1e-6)
+    np.testing.assert_allclose(out, data / 255.0, atol=1e-6)
     m1 = read_image(write_synthetic_dicom(tmp_path / "e1.dcm", data, "MONOCHROME1", bits=8))[..., 0]
     np.testing.assert_allclose(m1, 1.0 - out, atol=1e-6)
 

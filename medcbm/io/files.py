@@ -1,0 +1,139 @@
+# Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
+"""Which files are images, and checking that a path is a readable regular file without blocking.
+
+:func:`check_image_file` looks at a path with ``os.stat``/``os.lstat`` only, so a FIFO, a socket or a
+device named ``scan.png`` is reported, never opened (opening a FIFO blocks until a writer appears).
+:func:`open_regular_file` then opens it with ``O_NONBLOCK`` and re-checks the opened descriptor, so a
+file swapped for a FIFO in between cannot block either.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+from typing import BinaryIO
+
+from medcbm.io.errors import ImageReadError
+
+__all__ = [
+    "SUPPORTED_SUFFIXES",
+    "supported_suffix",
+    "unsupported_suffix_reason",
+    "check_image_file",
+    "open_regular_file",
+]
+
+SUPPORTED_SUFFIXES = (".dcm", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+_BY_LENGTH = tuple(sorted(SUPPORTED_SUFFIXES, key=len, reverse=True))
+
+
+def supported_suffix(path: str | os.PathLike[str]) -> str | None:
+    """The supported suffix of ``path`` in lower case (``".nii.gz"`` counts as one), or ``None``."""
+    name = os.fspath(path).lower()
+    for suffix in _BY_LENGTH:
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def unsupported_suffix_reason(path: str | os.PathLike[str]) -> str:
+    """The error reason for a file whose suffix is not supported."""
+    ext = "".join(Path(os.fspath(path)).suffixes[-2:]) or "(none)"
+    return f"unsupported file type '{ext}' (supported: {', '.join(SUPPORTED_SUFFIXES)})"
+
+
+def _kind(mode: int) -> str | None:
+    """A reason for a non-regular file type, or ``None`` for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder, not an image file"
+    if stat.S_ISFIFO(mode):
+        return "is a named pipe (FIFO), not a regular file"
+    if stat.S_ISSOCK(mode):
+        return "is a socket, not a regular file"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "is a device, not a regular file"
+    return "is not a regular file"
+
+
+def _stat_reason(name: str, exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "symbolic link loop (the link never reaches a file)"
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        if os.path.islink(name):
+            return "broken symbolic link (its target does not exist)"
+        return "file not found"
+    if exc.errno == errno.EACCES:
+        return "permission denied"
+    return f"cannot access file ({exc.strerror or type(exc).__name__})"
+
+
+def check_image_file(path: str | os.PathLike[str], *, check_suffix: bool = True) -> os.stat_result:
+    """Check that ``path`` is an existing, non-empty regular file (after following links).
+
+    Never opens the file. The checks, in order: folder; unsupported suffix (when ``check_suffix``);
+    missing file, broken link or link loop; FIFO, socket or device; empty file.
+
+    Args:
+        path: the file.
+        check_suffix: also require one of :data:`SUPPORTED_SUFFIXES`.
+
+    Returns:
+        The ``os.stat`` result of the file.
+
+    Raises:
+        ImageReadError: naming ``path`` and the reason.
+    """
+    name = os.fspath(path)
+    try:
+        st = os.stat(name)
+    except OSError as e:
+        st, stat_error = None, e
+    else:
+        stat_error = None
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        raise ImageReadError(name, "is a folder, not an image file")
+    if check_suffix and supported_suffix(name) is None:
+        raise ImageReadError(name, unsupported_suffix_reason(name))
+    if stat_error is not None:
+        raise ImageReadError(name, _stat_reason(name, stat_error))
+    assert st is not None
+    kind = _kind(st.st_mode)
+    if kind is not None:
+        raise ImageReadError(name, kind)
+    if st.st_size == 0:
+        raise ImageReadError(name, "file is empty")
+    return st
+
+
+def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
+    """Open ``path`` for binary reading without ever blocking; it must be a regular file.
+
+    Args:
+        path: the file.
+
+    Returns:
+        A buffered binary file object (the caller closes it).
+
+    Raises:
+        ImageReadError: ``path`` cannot be opened or is not a regular file.
+    """
+    name = os.fspath(path)
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(name, flags)
+    except OSError as e:
+        raise ImageReadError(name, _stat_reason(name, e)) from None
+    try:
+        kind = _kind(os.fstat(fd).st_mode)
+        if kind is not None:
+            raise ImageReadError(name, kind)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
