@@ -3,6 +3,23 @@
 
 from __future__ import annotations
 
+from .baselines import T3A, lame_predict, linear_probe_refit, refit_head_with_prior
+from .edit_search import ConceptEdit, ConceptEditSearch, edited_scores
+from .shift import ShiftSummary, SiteShiftDetector, summarize_shift
 from .spec import SPEC_FORMAT_VERSION, AdaptationSpec, AdaptationSpecError
 
-__all__ = ["AdaptationSpec", "AdaptationSpecError", "SPEC_FORMAT_VERSION"]
+__all__ = [
+    "AdaptationSpec",
+    "AdaptationSpecError",
+    "SPEC_FORMAT_VERSION",
+    "ConceptEditSearch",
+    "ConceptEdit",
+    "edited_scores",
+    "SiteShiftDetector",
+    "ShiftSummary",
+    "summarize_shift",
+    "T3A",
+    "lame_predict",
+    "refit_head_with_prior",
+    "linear_probe_refit",
+]
