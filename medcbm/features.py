@@ -101,7 +101,6 @@ class ExtractionResult:
     content_sha256: dict[int, str] = field(default_factory=dict)
 
 
-@torch.no_grad()
 def extract_features(
     paths: Sequence[str | Path],
     encoder: Callable[[torch.Tensor], torch.Tensor],
@@ -109,8 +108,12 @@ def extract_features(
     cache: FeatureCache | None = None,
     batch_size: int = 32,
     device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: bool = False,
 ) -> ExtractionResult:
     """Embed image files, reusing cached features; a bad file becomes an error, not an exception.
+
+    A thin wrapper over :class:`medcbm.engine.FeatureExtractor` (the one image -> feature loop).
 
     Args:
         paths: image files.
@@ -118,41 +121,7 @@ def extract_features(
         load: one path -> preprocessed image tensor ``(3, H, W)`` (raises on unreadable input).
         cache: optional :class:`FeatureCache`.
     """
-    feats: dict[int, torch.Tensor] = {}
-    errors: dict[int, str] = {}
-    hashes: dict[int, str] = {}
-    pending: list[tuple[int, torch.Tensor]] = []
+    from .engine import FeatureExtractor
 
-    def flush() -> None:
-        if not pending:
-            return
-        batch = torch.stack([t for _, t in pending]).to(device)
-        out = encoder(batch).float().cpu()
-        for (i, _), f in zip(pending, out):
-            feats[i] = f
-            if cache is not None:
-                cache.put(hashes[i], f)
-        pending.clear()
-
-    for i, p in enumerate(paths):
-        try:
-            hashes[i] = file_sha256(p)
-        except OSError as e:
-            errors[i] = f"{p}: cannot read file ({e.strerror or e})"
-            continue
-        if cache is not None:
-            hit = cache.get(hashes[i])
-            if hit is not None:
-                feats[i] = hit
-                continue
-        try:
-            pending.append((i, load(p)))
-        except Exception as e:  # the reader names the file and the reason
-            errors[i] = str(e) if str(p) in str(e) else f"{p}: {e}"
-            continue
-        if len(pending) >= batch_size:
-            flush()
-    flush()
-    ok = sorted(feats)
-    stacked = torch.stack([feats[i] for i in ok]).numpy() if ok else np.zeros((0, 0), dtype=np.float32)
-    return ExtractionResult(stacked, ok, errors, hashes)
+    extractor = FeatureExtractor(encoder, load, cache, device, batch_size, num_workers, progress, "features")
+    return extractor.extract(list(paths))

@@ -2,236 +2,330 @@
 """Inference job: images -> ``predictions.csv`` with the concepts that drove each prediction.
 
 Contract (``docs/CONTRACT.md``): one row per input in input order; a bad file becomes an ``error`` row
-naming the file and the reason, and the batch goes on; the CSV is rewritten atomically after every
-batch, so an interrupted run leaves a valid file, and a rerun into the same folder keeps its finished
-rows (when the model and edit are unchanged). Exit status is non-zero if any row is an error.
+naming the file and the reason, and the batch goes on. Rows stream into an append-only journal
+(:mod:`medcbm.sinks`) and ``predictions.csv`` is assembled in input order and written atomically at the
+end; a rerun into the same folder keeps finished rows whose file content, model, edit, preprocessing and
+columns are unchanged. A second run into a folder in use is refused. Exit status: 0 when every row is
+``ok``, 1 when some rows are errors (after all rows), 2 for a problem with the command itself (one line).
+
+Under ``torch.distributed`` (``configs/multi_gpu_inference.yaml`` with ``torchrun``) each rank computes
+its shard and rank 0 writes the same files a single process would.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from ..data import InputListError, InputRecord, list_inputs, make_sample_inputs
-from ..networks import ConceptBottleneckClassifier
+from ..bundle import LoadedBundle
+from ..data import InputRecord, list_inputs, make_sample_inputs
+from ..engine import PredictionEngine, dist_rank_world, shard_indices
+from ..sinks import OutputLock, RowJournal, iter_ordered, prepare_output_dir, write_csv_atomic
+from ..io.atomic import atomic_write_json as write_json_atomic
+from .cli import cli_errors
 
-__all__ = ["InferenceRunner", "prediction_columns", "format_top_concepts", "atomic_write_text"]
+__all__ = [
+    "InferenceRunner",
+    "prediction_columns",
+    "format_top_concepts",
+    "explain_row",
+    "examples_csv",
+    "default_records",
+]
 
 logger = logging.getLogger(__name__)
-STATE_FILE = ".medcbm_inference.json"
+EXAMPLES_CSV = Path("examples") / "examples.csv"
 
 
 def prediction_columns(class_names: Sequence[str], concept_ids: Sequence[str] = ()) -> list[str]:
-    """The contract's columns, then ``sample`` and one ``concept_<id>`` column per concept score (if any)."""
+    """The contract's columns, then ``sample``, ``label``, the site-shift columns and one
+    ``concept_<id>`` column per concept score (if any)."""
     return (
         ["image", "status", "error", "prediction", "probability"]
         + [f"prob_{c}" for c in class_names]
-        + ["top_concepts", "sample"]
+        + ["top_concepts", "sample", "label", "shift_score", "site_shift"]
         + [f"concept_{k}" for k in concept_ids]
     )
 
 
-def format_top_concepts(concept_ids: Sequence[str], contributions: np.ndarray, top_k: int = 5) -> str:
-    """``id=value`` pairs of the ``top_k`` largest contributions, largest first, joined by ``;``."""
-    order = np.argsort(-contributions, kind="stable")[:top_k]
-    return ";".join(f"{concept_ids[k]}={contributions[k]:.4f}" for k in order)
+def top_concepts(
+    concept_ids: Sequence[str],
+    contributions: np.ndarray,
+    scores: np.ndarray,
+    neutral: np.ndarray,
+    top_k: int = 5,
+) -> list[tuple[str, str, float]]:
+    """The concepts that pushed one class up the most: ``(concept_id, direction, contribution)``.
+
+    Contributions are measured from each concept's neutral (source-mean) value, so a concept can push a
+    class up because it is *lower* than usual: its direction is then ``absent``. Only positive
+    contributions are listed, largest first.
+    """
+    order = np.argsort(-contributions, kind="stable")
+    out = []
+    for k in order[:top_k]:
+        if contributions[k] <= 0:
+            break
+        direction = "present" if scores[k] >= neutral[k] else "absent"
+        out.append((concept_ids[k], direction, float(contributions[k])))
+    return out
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write via a temporary file in the same folder and ``os.replace``: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def format_top_concepts(items: Sequence[tuple[str, str, float]]) -> str:
+    """``id=value`` pairs joined by ``;``; a concept that counts because it is absent reads ``not id=value``."""
+    return ";".join(f"{'not ' if d == 'absent' else ''}{cid}={v:.4f}" for cid, d, v in items)
+
+
+def examples_csv(bundle_root: str | Path) -> Path:
+    return Path(bundle_root) / EXAMPLES_CSV
+
+
+def default_records(bundle_root: str | Path, modality: str, output_dir: Path) -> list[InputRecord]:
+    """The bundle's shipped real example images (with their known class); generated samples if none ship."""
+    csv_path = examples_csv(bundle_root)
+    if csv_path.is_file():
+        return list_inputs(csv_path)
+    paths = make_sample_inputs(modality, output_dir / "samples")
+    return [InputRecord(image=str(p), path=Path(p)) for p in paths]
+
+
+def explain_row(
+    bundle: LoadedBundle, i: int, res: Any, top_k: int, concept_columns: bool
+) -> dict[str, Any]:
+    """One ``ok`` row of ``predictions.csv`` from row ``i`` of a :class:`~medcbm.engine.BatchResult`."""
+    proba = res.proba[i]
+    c = int(np.argmax(proba))
+    names = bundle.class_names
+    row: dict[str, Any] = {
+        "status": "ok",
+        "error": "",
+        "prediction": names[c],
+        "probability": f"{proba[c]:.6f}",
+    }
+    for name, p in zip(names, proba):
+        row[f"prob_{name}"] = f"{p:.6f}"
+    neutral = bundle.network.neutral.detach().cpu().numpy()
+    row["top_concepts"] = format_top_concepts(
+        top_concepts(bundle.concept_ids, res.contributions[i, c], res.scores[i], neutral, top_k)
+    )
+    if res.shift_score is not None:
+        row["shift_score"] = f"{res.shift_score[i]:.4f}"
+        row["site_shift"] = "true" if bool(res.shift_flag[i]) else "false"
+    if concept_columns:
+        row.update({f"concept_{k}": f"{v:.6f}" for k, v in zip(bundle.concept_ids, res.scores[i])})
+    return row
 
 
 class InferenceRunner:
-    """Runs a concept bottleneck network over a folder or CSV of images and writes ``predictions.csv``.
+    """Runs a bundle over a folder or CSV of images and writes ``predictions.csv`` and ``run_summary.json``.
 
     Args:
-        network: from :func:`medcbm.workflows.load_bundle_network` (has ``pipeline``).
-        output_dir: where ``predictions.csv`` goes.
-        input: folder, CSV or image; ``None`` runs on generated samples of ``modality``.
-        modality: ``dermoscopy``, ``cxr`` or ``blood`` (for the samples).
+        bundle_root: the bundle folder.
+        output_dir: where the outputs go.
+        input: folder, CSV or image; ``None`` runs on the bundle's example images.
+        models_dir, backbone, pretrained, adaptation, channel_mode: see :meth:`LoadedBundle.load`.
+        modality: for generated samples when a bundle ships no examples.
         device: torch device.
-        batch_size: images per forward pass.
+        batch_size: images per forward pass; num_workers: DataLoader reader processes.
         top_k: concepts listed per row.
-        concept_columns: add one ``concept_<id>`` column per concept with its score (after any edit; for
-            probe grounding the calibrated probability that the concept or sign is present).
-        exit_on_error: end the process with status 1 after writing all rows if any row is an error
-            (what the bundle CLI wants); ``False`` returns the count instead.
+        concept_columns: one ``concept_<id>`` column per concept score (after any edit).
+        cache_dir: optional feature cache folder.
+        exit_on_error: the CLI behaviour (exit 1 after all rows if any row failed, exit 2 with one line
+            for a bad command); ``False`` returns / raises instead (the Python API).
+        bundle: an already loaded bundle (then the loading arguments are ignored).
     """
 
     def __init__(
         self,
-        network: ConceptBottleneckClassifier,
-        output_dir: str | Path,
+        bundle_root: str | Path = ".",
+        output_dir: str | Path = "eval",
         input: str | Path | None = None,
+        models_dir: str | Path | None = None,
+        backbone: str | None = None,
+        pretrained: str | None = None,
+        adaptation: str | Path | None = None,
+        channel_mode: str | None = None,
         modality: str = "blood",
         device: str | torch.device = "cpu",
         batch_size: int = 16,
+        num_workers: int = 0,
         top_k: int = 5,
-        exit_on_error: bool = True,
         concept_columns: bool = True,
-    ):
-        self.network = network
+        cache_dir: str | Path | None = None,
+        progress: bool = True,
+        exit_on_error: bool = True,
+        bundle: LoadedBundle | None = None,
+    ) -> None:
+        self.bundle_root = Path(bundle_root)
         self.output_dir = Path(output_dir)
-        self.input = input
+        self.input = None if input in (None, "", "None") else input
+        self.load_args = dict(
+            models_dir=models_dir, backbone=backbone, pretrained=pretrained, adaptation=adaptation, channel_mode=channel_mode
+        )
         self.modality = modality
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
+        self.num_workers = int(num_workers)
         self.top_k = int(top_k)
+        self.concept_columns = bool(concept_columns)
+        self.cache_dir = cache_dir
+        self.progress = progress
         self.exit_on_error = exit_on_error
-        self.concept_columns = concept_columns
-
-    # ------------------------------------------------------------------ helpers
-    def _records(self) -> tuple[list[InputRecord], bool]:
-        if self.input in (None, "", "None"):
-            paths = make_sample_inputs(self.modality, self.output_dir / "samples")
-            logger.info("no --input given: running on %d generated %s samples", len(paths), self.modality)
-            return [InputRecord(image=str(p), path=Path(p)) for p in paths], True
-        return list_inputs(self.input), False
-
-    def _run_fingerprint(self, columns: Sequence[str]) -> str:
-        """Hash of the model, its edit and the output columns: rows written under another one are recomputed."""
-        net = self.network
-        h = hashlib.sha256(json.dumps(list(columns)).encode())
-        h.update(getattr(net, "backbone_fingerprint", "").encode())
-        for name, t in sorted(net.state_dict().items()):
-            if not name.startswith("encoder."):
-                h.update(name.encode())
-                h.update(t.detach().cpu().float().numpy().tobytes())
-        return h.hexdigest()
-
-    def _previous_rows(self, out_csv: Path, fingerprint: str) -> dict[str, dict[str, str]]:
-        state_path = self.output_dir / STATE_FILE
-        if not out_csv.is_file() or not state_path.is_file():
-            return {}
-        try:
-            state = json.loads(state_path.read_text())
-        except (OSError, json.JSONDecodeError):
-            return {}
-        if state.get("model") != fingerprint:
-            logger.warning("%s was written by another model or edit: recomputing every row", out_csv)
-            return {}
-        with open(out_csv, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        return {r["image"]: r for r in rows if r.get("status") == "ok"}
+        self.bundle = bundle
+        self.summary: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ the job
-    @torch.no_grad()
     def run(self) -> int:
-        """Process every input; returns the number of error rows (or exits 1 when ``exit_on_error``)."""
-        net = self.network.to(self.device).eval()
-        out_csv = self.output_dir / "predictions.csv"
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            records, is_sample = self._records()
-        except InputListError as e:  # nothing to process: say why in one line, not a config traceback
-            if not self.exit_on_error:
-                raise
-            print(f"medcbm: cannot read the input list: {e}", file=sys.stderr)
-            sys.exit(2)
-        columns = prediction_columns(net.targets, net.concepts if self.concept_columns else ())
-        fingerprint = self._run_fingerprint(columns)
-        previous = self._previous_rows(out_csv, fingerprint)
-        atomic_write_text(
-            self.output_dir / STATE_FILE,
-            json.dumps({"model": fingerprint, "info": _jsonable(getattr(net, "model_info", {}))}, indent=2),
-        )
-        rows: list[dict[str, Any] | None] = [None] * len(records)
-        todo: list[int] = []
-        for i, rec in enumerate(records):
-            if rec.image in previous:
-                rows[i] = previous[rec.image]
-            else:
-                todo.append(i)
-        if previous:
-            logger.info("resuming: %d finished rows kept, %d to compute", len(records) - len(todo), len(todo))
-        for start in range(0, len(todo), self.batch_size):
-            batch = todo[start : start + self.batch_size]
-            images, ok = [], []
-            for i in batch:
-                try:
-                    images.append(net.pipeline(records[i].path))
-                    ok.append(i)
-                except Exception as e:  # the reader's message names the file and the reason
-                    rows[i] = self._error_row(records[i], e, is_sample)
-            if ok:
-                x = torch.stack(images).to(self.device)
-                scores = net.concept_scores(x)
-                logits = net.head(scores)
-                proba = torch.softmax(logits, dim=1).cpu().numpy()
-                contrib = net.contributions_from_scores(scores).cpu().numpy()
-                raw_scores = scores.cpu().numpy()
-                for j, i in enumerate(ok):
-                    rows[i] = self._ok_row(records[i], proba[j], contrib[j], raw_scores[j], is_sample)
-            self._write(out_csv, columns, rows)
-        if not todo:  # every row was resumed: the batches above wrote nothing in this run
-            self._write(out_csv, columns, rows)
-        n_err = sum(1 for r in rows if r is not None and r["status"] != "ok")
-        logger.info("wrote %s: %d rows, %d errors", out_csv, len(rows), n_err)
+        """Process every input; returns the number of error rows (CLI: exits 1 if any, 2 on a bad command)."""
+        with cli_errors(exit=self.exit_on_error):
+            n_err = self._run()
         if n_err and self.exit_on_error:
-            print(f"medcbm: {n_err} of {len(rows)} inputs failed; see the 'error' column of {out_csv}", file=sys.stderr)
+            print(
+                f"medcbm: {n_err} of {self.summary.get('rows', '?')} inputs failed; see the 'error' column of "
+                f"{self.output_dir / 'predictions.csv'}",
+                file=sys.stderr,
+            )
             sys.exit(1)
         return n_err
 
-    def _ok_row(
-        self, rec: InputRecord, proba: np.ndarray, contrib: np.ndarray, scores: np.ndarray, is_sample: bool
-    ) -> dict[str, Any]:
-        net = self.network
-        c = int(np.argmax(proba))
-        row: dict[str, Any] = {
-            "image": rec.image,
-            "status": "ok",
-            "error": "",
-            "prediction": net.targets[c],
-            "probability": f"{proba[c]:.6f}",
+    def _records(self) -> tuple[list[InputRecord], bool]:
+        if self.input is None:
+            recs = default_records(self.bundle_root, self.modality, self.output_dir)
+            where = "example images shipped with the bundle" if examples_csv(self.bundle_root).is_file() else (
+                "generated sample images"
+            )
+            logger.info("no --input given: running on %d %s", len(recs), where)
+            return recs, True
+        return list_inputs(self.input), False
+
+    def _run(self) -> int:
+        rank, world = dist_rank_world()
+        lock = None
+        if rank == 0:
+            prepare_output_dir(self.output_dir)
+            lock = OutputLock(self.output_dir)
+        lock_error = None
+        if lock is not None:
+            try:
+                lock.acquire()
+            except Exception as e:
+                lock_error = e
+        if world > 1:
+            msg = [str(lock_error) if lock_error else ""]
+            torch.distributed.broadcast_object_list(msg, src=0)
+            if msg[0]:
+                lock_error = lock_error or RuntimeError(msg[0])
+        if lock_error is not None:
+            raise lock_error
+        try:
+            return self._run_locked(rank, world)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run_locked(self, rank: int, world: int) -> int:
+        t0 = time.perf_counter()
+        bundle = self.bundle or LoadedBundle.load(self.bundle_root, device=self.device, **self.load_args)
+        records, is_sample = self._records()
+        columns = prediction_columns(bundle.class_names, bundle.concept_ids if self.concept_columns else ())
+        fp = hashlib.sha256(json.dumps([bundle.fingerprint(), columns, self.top_k]).encode()).hexdigest()
+        journal = RowJournal(self.output_dir, fp, rank)
+        if rank == 0:
+            journal.open()
+        if world > 1:
+            torch.distributed.barrier()
+        if rank != 0:
+            journal.open()
+        done = journal.done()
+        if done and rank == 0:
+            logger.info("resuming: %d finished rows of an earlier run are kept if their files are unchanged", len(done))
+        engine = PredictionEngine(
+            bundle,
+            device=self.device,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            cache_dir=self.cache_dir,
+            progress=self.progress and rank == 0,
+            desc="inference",
+        )
+        mine = shard_indices(len(records), rank, world)
+        try:
+            for res in engine.iter_batches(records, mine, done):
+                for j, i in enumerate(res.ok):
+                    row = explain_row(bundle, j, res, self.top_k, self.concept_columns)
+                    journal.append(records[i].image, res.sha256.get(i), row)
+                for i, reason in res.errors.items():
+                    logger.warning("error on input: %s", reason)
+                    journal.append(records[i].image, res.sha256.get(i), {"status": "error", "error": reason})
+                journal.flush()
+        finally:
+            journal.close()
+        if world > 1:
+            torch.distributed.barrier()
+        if rank != 0:
+            return 0
+        return self._finish(bundle, records, columns, journal, is_sample, engine, time.perf_counter() - t0)
+
+    def _finish(
+        self,
+        bundle: LoadedBundle,
+        records: list[InputRecord],
+        columns: list[str],
+        journal: RowJournal,
+        is_sample: bool,
+        engine: PredictionEngine,
+        seconds: float,
+    ) -> int:
+        entries = journal.read()
+        rows: dict[str, dict[str, Any]] = {}
+        for rec in records:
+            e = entries.get(rec.image)
+            row = {"image": rec.image, **(e["row"] if e else {"status": "error", "error": "not processed"})}
+            row["sample"] = "true" if is_sample else "false"
+            row["label"] = rec.label or ""
+            rows[rec.image] = row
+        n = write_csv_atomic(self.output_dir / "predictions.csv", columns, iter_ordered([r.image for r in records], rows))
+        n_err = sum(1 for r in records if rows[r.image]["status"] != "ok")
+        flagged = sum(1 for r in records if rows[r.image].get("site_shift") == "true")
+        n_ok = n - n_err
+        summary: dict[str, Any] = {
+            "bundle": {"name": bundle.name, "version": bundle.version},
+            "model": bundle.info,
+            "rows": n,
+            "ok": n_ok,
+            "errors": n_err,
+            "examples": is_sample,
+            "site_shift": {
+                "available": engine.shift_detector is not None,
+                "flagged": flagged,
+                "fraction_flagged": round(flagged / n_ok, 4) if n_ok else None,
+            },
+            "throughput": engine.stats,
+            "seconds": round(seconds, 2),
         }
-        for name, p in zip(net.targets, proba):
-            row[f"prob_{name}"] = f"{p:.6f}"
-        row["top_concepts"] = format_top_concepts(net.concepts, contrib[c], self.top_k)
-        row["sample"] = "true" if is_sample else "false"
-        if self.concept_columns:
-            row.update({f"concept_{k}": f"{v:.6f}" for k, v in zip(net.concepts, scores)})
-        return row
-
-    def _error_row(self, rec: InputRecord, exc: BaseException, is_sample: bool) -> dict[str, Any]:
-        msg = str(exc)
-        if rec.image not in msg and str(rec.path) not in msg:
-            msg = f"{rec.image}: {msg}"
-        logger.warning("error on input: %s", msg)
-        return {
-            "image": rec.image,
-            "status": "error",
-            "error": msg.replace("\n", " "),
-            "sample": str(is_sample).lower(),
-        }
-
-    @staticmethod
-    def _write(out_csv: Path, columns: list[str], rows: list[dict[str, Any] | None]) -> None:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        for r in rows:
-            if r is not None:
-                writer.writerow({k: r.get(k, "") for k in columns})
-        atomic_write_text(out_csv, buf.getvalue())
-
-
-def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v if isinstance(v, (str, int, float, bool, type(None))) else str(v)) for k, v in d.items()}
+        if engine.shift_detector is not None and n_ok and flagged / n_ok > 0.25:
+            summary["site_shift"]["message"] = (
+                f"{flagged} of {n_ok} images look unlike the training site of {bundle.name}; predictions may be "
+                "unreliable here. Consider adapting the bundle with configs/adapt.yaml on a few labelled local images."
+            )
+            logger.warning("%s", summary["site_shift"]["message"])
+        write_json_atomic(self.output_dir / "run_summary.json", summary)
+        self.summary = summary
+        logger.info(
+            "wrote %s: %d rows, %d errors, %d flagged as site-shifted (%.1f s)",
+            self.output_dir / "predictions.csv",
+            n,
+            n_err,
+            flagged,
+            seconds,
+        )
+        return n_err

@@ -19,16 +19,23 @@ from typing import Any, Sequence
 
 import numpy as np
 
+import torch
+
 from ..backbones import LOCAL_DIR, load_backbone
+from ..bundle import REFERENCE_FILE, Preprocessing, SourceReference
 from ..concepts import ConceptBank, load_concept_bank
 from ..data import InputListError, InputRecord, list_inputs
-from ..features import FeatureCache, default_cache_dir, extract_features
+from ..engine import FeatureExtractor
+from ..features import FeatureCache, default_cache_dir
 from ..fitting import fit_cbm
-from ..transforms import ClinicalImagePipeline
-from .infer import atomic_write_text
+from ..io.atomic import atomic_write_json
+from .cli import cli_errors
 from .loading import BACKBONE_DIR, default_backbone_spec, save_bundle_network
 
-__all__ = ["TrainingRunner", "concept_label_matrix", "parse_concept_label"]
+__all__ = ["TrainingRunner", "run_training", "concept_label_matrix", "parse_concept_label"]
+
+#: training features kept in the reference set for the site-shift alarm (a deterministic sample)
+MAX_REFERENCE_TRAIN = 2000
 
 logger = logging.getLogger(__name__)
 _TRUE = {"1", "1.0", "yes", "true", "present", "y"}
@@ -98,6 +105,9 @@ class TrainingRunner:
         trained_on: str = "",
         drop_ungroundable: bool = True,
         exit_on_error: bool = True,
+        device: str | torch.device = "cpu",
+        num_workers: int = 0,
+        max_epochs: int = 1,
     ):
         self.concepts_file = concepts_file
         self.train, self.val = (None if v in (None, "", "None") else Path(v) for v in (train, val))
@@ -113,8 +123,25 @@ class TrainingRunner:
         self.trained_on = trained_on
         self.drop_ungroundable = drop_ungroundable
         self.exit_on_error = exit_on_error
+        self.device = torch.device(device)
+        self.num_workers = int(num_workers)
+        if int(max_epochs) != 1:
+            raise ValueError("max_epochs must be 1: features are extracted once and the fits are convex")
+        self.max_epochs = 1
 
-    def _split(self, csv_path: Path, bank: ConceptBank, pipeline, bk, cache) -> dict[str, Any]:
+    @classmethod
+    def from_options(cls, train: Any, options: dict[str, Any], max_epochs: int = 1) -> "TrainingRunner":
+        """Build from the bundle config's ``job`` mapping (``configs/train.yaml``) and a train CSV."""
+        import inspect
+
+        known = set(inspect.signature(cls.__init__).parameters) - {"self", "train", "max_epochs"}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; known: {sorted(known)}")
+        train = None if isinstance(train, dict) or hasattr(train, "keys") else train
+        return cls(train=train, max_epochs=max_epochs, **dict(options))
+
+    def _split(self, csv_path: Path, bank: ConceptBank, extractor: FeatureExtractor) -> dict[str, Any]:
         records = list_inputs(csv_path)
         labels = []
         for i, r in enumerate(records):
@@ -125,7 +152,7 @@ class TrainingRunner:
             except KeyError as e:
                 raise ValueError(f"{csv_path} row {i + 2}: {e.args[0]}") from None
         concepts = concept_label_matrix(records, bank, str(csv_path))
-        res = extract_features([r.path for r in records], bk.image_encoder(), pipeline, cache, self.batch_size)
+        res = extractor.extract(records)
         errors = {records[i].image: msg for i, msg in res.errors.items()}
         for msg in errors.values():
             logger.warning("skipping unreadable image: %s", msg)
@@ -141,11 +168,12 @@ class TrainingRunner:
     def run(self) -> dict[str, Any]:
         """Fit and write the models folder; bad CSVs end the process with a one-line reason (status 2)."""
         try:
-            return self._run()
-        except (InputListError, ValueError, FileNotFoundError) as e:
+            with cli_errors(exit=self.exit_on_error):
+                return self._run()
+        except (InputListError, ValueError) as e:
             if not self.exit_on_error:
                 raise
-            print(f"medcbm: cannot fit: {e}", file=sys.stderr)
+            print(f"medcbm: cannot fit: {str(e).splitlines()[0]}", file=sys.stderr)
             sys.exit(2)
 
     def _run(self) -> dict[str, Any]:
@@ -155,10 +183,16 @@ class TrainingRunner:
         bank = load_concept_bank(self.concepts_file)
         spec = self.backbone or default_backbone_spec(self.models_dir)
         bk = load_backbone(spec, pretrained=self.pretrained)
-        pipeline = ClinicalImagePipeline(self.channel_mode, bk.image_size, bk.mean, bk.std)
-        cache = FeatureCache(self.cache_dir, bk.fingerprint, pipeline.fingerprint())
-        tr = self._split(self.train, bank, pipeline, bk, cache)
-        va = self._split(self.val, bank, pipeline, bk, cache)
+        bk.model.to(self.device)
+        preprocessing = Preprocessing.from_backbone(bk, self.channel_mode)
+        cache = FeatureCache(self.cache_dir, bk.fingerprint, preprocessing.fingerprint())
+        encoder = bk.image_encoder().to(self.device).eval()
+        extractor = FeatureExtractor(
+            encoder, preprocessing.pipeline(), cache, self.device, self.batch_size, self.num_workers, True, "features"
+        )
+        tr = self._split(self.train, bank, extractor)
+        va = self._split(self.val, bank, extractor)
+        bk.model.to("cpu")
         text_embeddings = bk.encode_texts(bank.texts)
         fitted = fit_cbm(
             bank,
@@ -185,8 +219,9 @@ class TrainingRunner:
             "n_val": int(len(va["y"])),
         }
         save_bundle_network(
-            self.output_dir, fitted, bk, self.channel_mode, text_embeddings=text_embeddings[keep], summary=summary
+            self.output_dir, fitted, bk, preprocessing, text_embeddings=text_embeddings[keep], summary=summary
         )
+        self._save_reference(fitted, bk, preprocessing, tr, va)
         report = {
             **summary,
             "backbone": spec if not spec.startswith("local-dir:") else "bundle backbone (local-dir)",
@@ -200,6 +235,37 @@ class TrainingRunner:
             "feature_cache": {"hits": cache.hits, "misses": cache.misses},
             "seconds": round(time.time() - t0, 1),
         }
-        atomic_write_text(self.output_dir / "fit_report.json", json.dumps(report, indent=2))
+        atomic_write_json(self.output_dir / "fit_report.json", report)
         logger.info("wrote %s (validation %s)", self.output_dir, fitted.val_metrics)
         return report
+
+    def _save_reference(self, fitted: Any, bk: Any, preprocessing: Preprocessing, tr: dict, va: dict) -> None:
+        """The source reference set: validation features, unedited concept scores and labels, and a
+        deterministic sample of training features (no images)."""
+        with torch.no_grad():
+            scores = fitted.grounding(torch.as_tensor(va["features"], dtype=torch.float32)).numpy()
+        rng = np.random.default_rng(0)
+        n_tr = len(tr["features"])
+        pick = np.sort(rng.choice(n_tr, size=min(n_tr, MAX_REFERENCE_TRAIN), replace=False))
+        SourceReference(
+            features=va["features"],
+            scores=scores,
+            labels=np.asarray(va["y"], dtype=np.int64),
+            train_features=tr["features"][pick],
+            split=f"validation: {self.val.name}",
+            concept_ids=fitted.bank.concept_ids,
+            class_names=fitted.bank.classes,
+            backbone_fingerprint=bk.fingerprint,
+            preprocessing_fingerprint=preprocessing.fingerprint(),
+        ).save(self.output_dir / REFERENCE_FILE)
+
+
+def run_training(train: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """What ``configs/train.yaml`` runs.
+
+    ``train`` is the config's ``train`` entry: the CSV path given with ``--train TRAIN.csv`` (the contract),
+    or, without it, MONAI's train-workflow section whose ``trainer`` then reports the missing argument.
+    """
+    if isinstance(train, dict) or hasattr(train, "keys"):
+        return train["trainer"].run()
+    return TrainingRunner.from_options(train, options).run()

@@ -1,0 +1,515 @@
+# Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
+"""A loaded medcbm bundle as one typed object.
+
+:class:`LoadedBundle` owns everything the four jobs (infer, train, adapt, audit) need from a bundle folder,
+and checks that the parts belong together:
+
+- ``network``: the :class:`~medcbm.networks.ConceptBottleneckClassifier` (encoder, grounding, edit, head);
+- ``preprocessing``: a :class:`Preprocessing` built from the backbone's own open_clip config and the
+  modality's channel mode, validated against the preprocessing the fit stored (a head is never fed
+  features it was not fitted on), with ``format_version`` checked;
+- ``bank``: the concept bank restricted to the concepts the network uses (ids, texts, provenance, prior);
+- ``reference``: the :class:`SourceReference` set (held-out source validation features, concept scores
+  and labels, and a sample of training features; no images) that the adaptation source guard, the
+  site-shift alarm and the audit use;
+- ``adaptation``: the test-time edit applied to the network, if any.
+
+Nothing is patched onto the ``nn.Module``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .backbones import LOCAL_DIR, Backbone, load_backbone
+from .concepts import ConceptBank, load_concept_bank
+from .errors import MedcbmUserError
+from .grounding import ConceptGrounding, TextGrounding
+from .head import KnowledgePriorHead
+from .networks import CBM_FORMAT_VERSION, ConceptBottleneckClassifier, read_cbm_state
+from .transforms import CHANNEL_MODES, ClinicalImagePipeline
+
+__all__ = [
+    "BundleLoadError",
+    "Preprocessing",
+    "SourceReference",
+    "LoadedBundle",
+    "build_network",
+    "CBM_FILE",
+    "REFERENCE_FILE",
+    "BACKBONE_DIR",
+    "MODEL_PT",
+]
+
+logger = logging.getLogger(__name__)
+
+CBM_FILE = "cbm.safetensors"
+REFERENCE_FILE = "reference.safetensors"
+BACKBONE_DIR = "backbone"
+MODEL_PT = "model.pt"
+REFERENCE_FORMAT_VERSION = "1"
+
+
+class BundleLoadError(MedcbmUserError, ValueError):
+    """A bundle's files are missing, inconsistent or were written by an incompatible version."""
+
+
+# ---------------------------------------------------------------------------------------------- preprocessing
+@dataclass(frozen=True)
+class Preprocessing:
+    """How an image file becomes encoder input: data, not code (as open_clip's ``PreprocessCfg``).
+
+    Args:
+        channel_mode: ``rgb`` or ``grey`` (X-ray: read as grey, repeated to three channels).
+        image_size: encoder input side length.
+        mean, std: per-channel normalisation.
+        resize_mode: ``shortest`` (resize the short side, centre-crop), ``longest`` (resize the long side,
+            pad to square: the whole object stays in view) or ``squash``.
+        interpolation: resampling filter name.
+    """
+
+    channel_mode: str
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    resize_mode: str = "shortest"
+    interpolation: str = "bicubic"
+
+    def __post_init__(self) -> None:
+        if self.channel_mode not in CHANNEL_MODES:
+            raise ValueError(f"channel_mode must be one of {CHANNEL_MODES}, got {self.channel_mode!r}")
+
+    @classmethod
+    def from_backbone(cls, backbone: Backbone, channel_mode: str) -> "Preprocessing":
+        """Read size, mean, std, resize mode and interpolation from the backbone's open_clip config."""
+        pp = dict(getattr(backbone.model.visual, "preprocess_cfg", {}) or {})
+        return cls(
+            channel_mode=channel_mode,
+            image_size=int(backbone.image_size),
+            mean=tuple(float(v) for v in backbone.mean),
+            std=tuple(float(v) for v in backbone.std),
+            resize_mode=str(pp.get("resize_mode", "shortest")),
+            interpolation=str(pp.get("interpolation", "bicubic")),
+        )
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Preprocessing":
+        return cls(
+            channel_mode=str(d["channel_mode"]),
+            image_size=int(d["image_size"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            resize_mode=str(d.get("resize_mode", "shortest")),
+            interpolation=str(d.get("interpolation", "bicubic")),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    def pipeline(self) -> ClinicalImagePipeline:
+        """The path -> ``(3, S, S)`` tensor transform."""
+        extra: dict[str, Any] = {}
+        if self.resize_mode != "shortest" or self.interpolation != "bicubic":
+            extra = {"resize_mode": self.resize_mode, "interpolation": self.interpolation}
+        return ClinicalImagePipeline(self.channel_mode, self.image_size, self.mean, self.std, **extra)
+
+    def fingerprint(self) -> str:
+        """sha256 of the full preprocessing (reader version included): the feature cache key."""
+        return self.pipeline().fingerprint()
+
+    def mismatch(self, stored: dict[str, Any]) -> list[str]:
+        """Fields that differ from a stored preprocessing dict (empty when they agree)."""
+        mine = self.to_dict()
+        out = []
+        for key, value in mine.items():
+            if key not in stored:
+                if key in ("resize_mode", "interpolation") and value == Preprocessing.__dataclass_fields__[key].default:
+                    continue  # written before these fields existed, with the defaults
+                out.append(f"{key} (fit: missing, now: {value})")
+                continue
+            other = stored[key]
+            if isinstance(value, list):
+                same = len(value) == len(other) and np.allclose(value, other, rtol=0, atol=1e-7)
+            else:
+                same = value == other
+            if not same:
+                out.append(f"{key} (fit: {other}, now: {value})")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- reference set
+@dataclass
+class SourceReference:
+    """Held-out source-site data a bundle carries instead of images.
+
+    Attributes:
+        features: ``(N, D)`` encoder features of the source validation split.
+        scores: ``(N, K)`` unedited concept scores of the same images.
+        labels: ``(N,)`` class indices.
+        train_features: ``(M, D)`` a sample of source training features (the site-shift alarm's reference).
+        split: a description of where the images came from.
+        concept_ids, class_names: the order of ``scores`` columns and label values.
+        backbone_fingerprint, preprocessing_fingerprint: what produced the features.
+    """
+
+    features: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+    train_features: np.ndarray
+    split: str
+    concept_ids: list[str]
+    class_names: list[str]
+    backbone_fingerprint: str = ""
+    preprocessing_fingerprint: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        if self.features.shape[0] != n or self.scores.shape[0] != n:
+            raise ValueError(
+                f"reference set: {self.features.shape[0]} feature rows, {self.scores.shape[0]} score rows and "
+                f"{n} labels must agree"
+            )
+        if self.scores.ndim != 2 or self.scores.shape[1] != len(self.concept_ids):
+            raise ValueError(f"reference set: scores {self.scores.shape} do not match {len(self.concept_ids)} concepts")
+
+    def accuracy(self, network: ConceptBottleneckClassifier) -> float:
+        """Accuracy of ``network``'s head (with its current edit) on the reference scores."""
+        with torch.no_grad():
+            s = torch.as_tensor(self.scores, dtype=torch.float32)
+            s = torch.where(network.edit_mask.cpu(), network.neutral.cpu(), s * network.edit_gain.cpu())
+            pred = (s @ network.head.weight.detach().cpu().T + network.head.bias.detach().cpu()).argmax(1).numpy()
+        return float((pred == self.labels).mean()) if len(self.labels) else float("nan")
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically to a safetensors file (no pickle)."""
+        path = Path(path)
+        tensors = {
+            "val.features": torch.as_tensor(self.features, dtype=torch.float16).contiguous(),
+            "val.scores": torch.as_tensor(self.scores, dtype=torch.float32).contiguous(),
+            "val.labels": torch.as_tensor(self.labels, dtype=torch.int64).contiguous(),
+            "train.features": torch.as_tensor(self.train_features, dtype=torch.float16).contiguous(),
+        }
+        meta = {
+            "format_version": REFERENCE_FORMAT_VERSION,
+            "split": self.split,
+            "concept_ids": self.concept_ids,
+            "class_names": self.class_names,
+            "backbone_fingerprint": self.backbone_fingerprint,
+            "preprocessing_fingerprint": self.preprocessing_fingerprint,
+            "extra": self.extra,
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(tensors, str(tmp), metadata={"medcbm_reference": json.dumps(meta)})
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SourceReference":
+        path = Path(path)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get("medcbm_reference")
+                if raw is None:
+                    raise BundleLoadError(f"{path}: not a medcbm reference set (no 'medcbm_reference' metadata)")
+                t = {k: f.get_tensor(k) for k in f.keys()}
+        except BundleLoadError:
+            raise
+        except Exception as e:
+            raise BundleLoadError(f"{path}: cannot read the reference set ({type(e).__name__}: {e})") from e
+        meta = json.loads(raw)
+        if meta.get("format_version") != REFERENCE_FORMAT_VERSION:
+            raise BundleLoadError(
+                f"{path}: reference format {meta.get('format_version')!r}, this medcbm reads "
+                f"{REFERENCE_FORMAT_VERSION!r}; re-fit with configs/train.yaml"
+            )
+        return cls(
+            features=t["val.features"].float().numpy(),
+            scores=t["val.scores"].float().numpy(),
+            labels=t["val.labels"].numpy(),
+            train_features=t["train.features"].float().numpy(),
+            split=meta.get("split", ""),
+            concept_ids=list(meta["concept_ids"]),
+            class_names=list(meta["class_names"]),
+            backbone_fingerprint=meta.get("backbone_fingerprint", ""),
+            preprocessing_fingerprint=meta.get("preprocessing_fingerprint", ""),
+            extra=meta.get("extra", {}),
+        )
+
+
+# ---------------------------------------------------------------------------------------------- the bundle
+def _read_metadata(root: Path) -> dict[str, Any]:
+    meta_path = root / "configs" / "metadata.json"
+    if not meta_path.is_file():
+        return {}
+    try:
+        return json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BundleLoadError(f"{meta_path}: cannot read the bundle metadata ({e})") from e
+
+
+@dataclass
+class LoadedBundle:
+    """A bundle ready to run. Build it with :meth:`load`; see the module docstring for the parts."""
+
+    name: str
+    version: str
+    root: Path
+    models_dir: Path
+    network: ConceptBottleneckClassifier
+    backbone: Backbone
+    preprocessing: Preprocessing
+    bank: ConceptBank
+    reference: SourceReference | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+    adaptation: Any = None  # medcbm.adaptation.AdaptationSpec when an edit is applied
+    fit_meta: dict[str, Any] = field(default_factory=dict)
+
+    # -------------------------------------------------------------- views
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.network.targets)
+
+    @property
+    def concept_ids(self) -> list[str]:
+        return list(self.network.concepts)
+
+    @property
+    def prior(self) -> np.ndarray:
+        """``(C, K)`` knowledge prior over the network's concepts, values in {-1, 0, 1}."""
+        return self.bank.prior
+
+    def fingerprint(self) -> str:
+        """Identity of what a prediction depends on: backbone, preprocessing, fitted parts and the edit."""
+        h = hashlib.sha256()
+        h.update(self.backbone.fingerprint.encode())
+        h.update(self.preprocessing.fingerprint().encode())
+        for name, t in sorted(self.network.state_dict().items()):
+            if not name.startswith("encoder."):
+                h.update(name.encode())
+                h.update(t.detach().cpu().float().numpy().tobytes())
+        h.update(json.dumps([self.concept_ids, self.class_names]).encode())
+        return h.hexdigest()
+
+    def to(self, device: str | torch.device) -> "LoadedBundle":
+        self.network.to(device)
+        return self
+
+    # -------------------------------------------------------------- adaptation
+    def set_adaptation(self, adaptation: Any) -> "LoadedBundle":
+        """Apply a test-time edit: an ``AdaptationSpec``, a path to ``adaptation.json``, or ``None`` to reset."""
+        if adaptation in (None, "", "None"):
+            self.network.reset_edit()
+            self.adaptation = None
+            self.info.pop("adaptation", None)
+            return self
+        spec = adaptation
+        if isinstance(adaptation, (str, Path)):
+            spec = _read_adaptation(Path(adaptation), self.concept_ids)
+            self.info["adaptation"] = str(adaptation)
+        bundle_name = (getattr(spec, "provenance", {}) or {}).get("bundle")
+        if isinstance(bundle_name, dict):
+            bundle_name = bundle_name.get("name")
+        if bundle_name and bundle_name != self.name:
+            raise BundleLoadError(f"{adaptation}: this adaptation was made for bundle {bundle_name!r}, not {self.name!r}")
+        self.network.set_edit(list(spec.mask), {k: float(v) for k, v in dict(spec.gain).items()})
+        self.adaptation = spec
+        return self
+
+    # -------------------------------------------------------------- loading
+    @classmethod
+    def load(
+        cls,
+        bundle_root: str | Path,
+        models_dir: str | Path | None = None,
+        backbone: str | None = None,
+        pretrained: str | None = None,
+        adaptation: Any = None,
+        channel_mode: str | None = None,
+        concepts_file: str | Path | None = None,
+        device: str | torch.device = "cpu",
+    ) -> "LoadedBundle":
+        """Load a bundle folder.
+
+        Args:
+            bundle_root: the bundle folder (``configs/``, ``models/``).
+            models_dir: a models folder written by ``train.yaml`` (default ``<bundle_root>/models``).
+            backbone: open_clip spec overriding the fitted backbone; the stored fit is then stale and the
+                network falls back to zero-shot text grounding with a prior-only head (logged).
+            pretrained: open_clip pretrained tag or file for a plain model-name backbone.
+            adaptation: ``adaptation.json`` path or an ``AdaptationSpec`` to apply.
+            channel_mode: ``rgb``/``grey``; by default the one the fit stored (required for zero-shot).
+            concepts_file: the concept bank (default ``<bundle_root>/configs/concepts.yaml``).
+
+        Raises:
+            BundleLoadError: missing folder, files of another format version, a preprocessing that differs
+                from the fit's, concepts or classes that do not match the bank.
+        """
+        root = Path(bundle_root)
+        models = Path(models_dir) if models_dir not in (None, "", "None") else root / "models"
+        if not models.is_dir():
+            raise BundleLoadError(f"models folder not found: {models}")
+        meta = _read_metadata(root)
+        bank_path = Path(concepts_file) if concepts_file else root / "configs" / "concepts.yaml"
+        bank = load_concept_bank(bank_path)
+        cbm_path = models / CBM_FILE
+        state = read_cbm_state(cbm_path) if cbm_path.is_file() else None
+        fit_meta = dict(state[1]) if state else {}
+        if state is not None and str(fit_meta.get("format_version")) != CBM_FORMAT_VERSION:
+            raise BundleLoadError(
+                f"{cbm_path}: format version {fit_meta.get('format_version')!r}, this medcbm reads "
+                f"{CBM_FORMAT_VERSION!r}; re-fit with configs/train.yaml or use a matching medcbm"
+            )
+        stored_spec = fit_meta.get("backbone_spec")
+        if backbone not in (None, "", "None"):
+            spec = str(backbone)
+        elif stored_spec and stored_spec != "local-dir":
+            spec, pretrained = stored_spec, pretrained or fit_meta.get("backbone_pretrained")
+        else:
+            spec = f"{LOCAL_DIR}{models / BACKBONE_DIR}"
+        bk = load_backbone(spec, pretrained=pretrained, device="cpu")
+        stored_pp = fit_meta.get("preprocessing") or {}
+        mode = channel_mode or stored_pp.get("channel_mode") or meta.get("medcbm", {}).get("channel_mode")
+        if not mode:
+            raise BundleLoadError(f"{root}: no channel mode stored in {cbm_path} and none given (rgb or grey)")
+        if channel_mode and stored_pp.get("channel_mode") and channel_mode != stored_pp["channel_mode"]:
+            raise BundleLoadError(
+                f"channel_mode {channel_mode!r} differs from the {stored_pp['channel_mode']!r} the fit in {cbm_path} "
+                "used; drop the override or re-fit"
+            )
+        pp = Preprocessing.from_backbone(bk, mode)
+        info: dict[str, Any] = {"backbone": spec if not spec.startswith(LOCAL_DIR) else "local-dir", "models_dir": str(models)}
+        fitted = state is not None and fit_meta.get("backbone_fingerprint") == bk.fingerprint
+        if fitted:
+            bad = pp.mismatch(stored_pp)
+            if bad:
+                raise BundleLoadError(
+                    f"{cbm_path} was fitted with another preprocessing than this backbone's config gives: "
+                    + "; ".join(bad)
+                    + ". Re-fit with configs/train.yaml."
+                )
+            net, sub = _network_from_state(bk, bank, state[0], fit_meta, cbm_path)
+            info.update(fit="trained", grounding=fit_meta["grounding_mode"], trained_on=fit_meta.get("trained_on", ""))
+        else:
+            if state is not None:
+                logger.warning(
+                    "%s was fitted on another backbone than %s: grounding concepts zero-shot by text with a "
+                    "prior-only head. Re-fit on your data with configs/train.yaml for calibrated predictions.",
+                    cbm_path,
+                    spec,
+                )
+            net, sub = _zero_shot_network(bk, bank), bank
+            info.update(fit="zero-shot prior head", grounding="text")
+        reference = None
+        ref_path = models / REFERENCE_FILE
+        if fitted and ref_path.is_file():
+            reference = SourceReference.load(ref_path)
+            if reference.concept_ids != net.concepts or reference.backbone_fingerprint != bk.fingerprint:
+                logger.warning("%s does not match this fit (concepts or backbone); ignoring it", ref_path)
+                reference = None
+        bundle = cls(
+            name=root.resolve().name,
+            version=str(meta.get("version", "")),
+            root=root,
+            models_dir=models,
+            network=net.eval(),
+            backbone=bk,
+            preprocessing=pp,
+            bank=sub,
+            reference=reference,
+            info=info,
+            fit_meta=fit_meta,
+        )
+        if adaptation not in (None, "", "None"):
+            bundle.set_adaptation(adaptation)
+        bundle.to(device)
+        return bundle
+
+
+def _read_adaptation(path: Path, concept_ids: Sequence[str]) -> Any:
+    try:
+        from .adaptation.spec import AdaptationSpec
+    except ImportError:  # the typed spec not available: read the contract's two fields
+        AdaptationSpec = None  # type: ignore[assignment]
+    if AdaptationSpec is not None:
+        try:
+            return AdaptationSpec.read(path, concept_ids=list(concept_ids))
+        except FileNotFoundError:
+            raise BundleLoadError(f"adaptation file not found: {path}") from None
+        except ValueError as e:
+            raise BundleLoadError(str(e)) from None
+    try:
+        spec = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleLoadError(f"adaptation file not found: {path}") from None
+    except json.JSONDecodeError as e:
+        raise BundleLoadError(f"{path}: not valid JSON ({e})") from e
+
+    class _Spec:
+        mask = spec.get("mask", [])
+        gain = spec.get("gain", {})
+        provenance = spec.get("provenance", {})
+
+    return _Spec
+
+
+def _zero_shot_network(bk: Backbone, bank: ConceptBank) -> ConceptBottleneckClassifier:
+    grounding = TextGrounding(bk.encode_texts(bank.texts))
+    head = KnowledgePriorHead.from_prior(bank.prior, scale=1.0)
+    return ConceptBottleneckClassifier.from_head(bk.image_encoder(), grounding, head, bank.concept_ids, bank.classes)
+
+
+def _network_from_state(
+    bk: Backbone, bank: ConceptBank, tensors: dict[str, torch.Tensor], meta: dict[str, Any], path: Path
+) -> tuple[ConceptBottleneckClassifier, ConceptBank]:
+    ids = list(meta["concept_ids"])
+    unknown = [c for c in ids if c not in bank.concept_ids]
+    if unknown:
+        raise BundleLoadError(
+            f"{path} uses concepts {unknown} that are not in the concept bank {bank.path}; re-fit the model"
+        )
+    if [c.lower() for c in meta["class_names"]] != [c.lower() for c in bank.classes]:
+        raise BundleLoadError(f"{path} predicts {meta['class_names']} but the concept bank has {bank.classes}")
+    sub = bank.subset(ids)
+    g_tensors = {k[len("grounding.") :]: v for k, v in tensors.items() if k.startswith("grounding.")}
+    grounding = ConceptGrounding.from_tensors(meta["grounding_mode"], g_tensors)
+    if isinstance(grounding, TextGrounding) and meta.get("concept_text_fingerprint") != sub.text_fingerprint():
+        logger.warning("concept texts changed since %s was fitted: recomputing their text embeddings", path)
+        grounding.text_embeddings.copy_(bk.encode_texts(sub.texts))
+    net = ConceptBottleneckClassifier(
+        bk.image_encoder(),
+        grounding,
+        tensors["head.weight"],
+        tensors["head.bias"],
+        ids,
+        bank.classes,
+        tensors.get("neutral"),
+    )
+    if "extra.source_class_means" in tensors:
+        net.register_buffer("source_class_means", tensors["extra.source_class_means"].float())
+    return net, sub
+
+
+def build_network(
+    bundle_root: str | Path,
+    models_dir: str | Path | None = None,
+    backbone: str | None = None,
+    pretrained: str | None = None,
+    adaptation: Any = None,
+) -> ConceptBottleneckClassifier:
+    """The bundle's ``network_def``: the fitted network alone (for MONAI's ``verify_net_in_out`` and
+    ``ckpt_export``); the jobs use :meth:`LoadedBundle.load`."""
+    return LoadedBundle.load(bundle_root, models_dir, backbone, pretrained, adaptation).network
