@@ -6,8 +6,8 @@ Everything works on cached, *unedited* concept scores; no gradient, no weight ch
 logit). The edit's effect on the margin ``z[y_i] - z[y'_i]`` is exact because the head is linear:
 
 - **mask** ``k`` (``a_k <- neutral_k``) gains ``delta_k = mean_i (a_ik - neutral_k) * (W[y'_i,k] - W[y_i,k])``;
-  a concept is a mask candidate when ``delta_k > 0`` *and* it is mis-activated: its move away from the
-  source class mean, ``a_ik - mu_s[y_i,k]``, pushes toward ``y'_i`` on average;
+  a concept is a mask candidate when ``delta_k > 0`` *and* it is mis-activated: over-activated versus the
+  source class means (``mean_i a_ik - mu_s[y_i,k] > 0``) in a way that pushes toward ``y'_i`` on average;
 - **amplify** ``k`` by ``gamma_k = clip(mu_s[y*,k] / mu_t[y*,k], 1, gamma_max)`` where ``y*`` is the support
   class whose logit the concept raises most (``W[y*,k] > 0``, largest in its column) and the concept fell
   below its source level for that class (``mu_t < mu_s``); it gains
@@ -235,8 +235,12 @@ class ConceptEditSearch:
         self.n_mask_, self.n_gain_ = grid[best]
 
         masks, gains = self._candidates(np.ones(len(S), dtype=bool), y, C, K)
-        chosen = self._merge(masks[: self.n_mask_], gains[: self.n_gain_])
-        self.edits_, self.rejected_ = self._guard(chosen)
+        admitted, self.rejected_ = self._guard(self._merge(masks[: max(self.mask_grid)], gains[: max(self.gain_grid)]))
+        am = [e for e in admitted if e.op == "mask"][: self.n_mask_]
+        ag = [e for e in admitted if e.op == "gain"][: self.n_gain_]
+        # guard the chosen subset again: an edit admitted after one that is no longer chosen may now harm
+        self.edits_, refused = self._guard(self._merge(am, ag))
+        self.rejected_ += refused
         self.mask_ = np.zeros(K, dtype=bool)
         self.gain_ = np.ones(K)
         for e in self.edits_:
@@ -299,6 +303,7 @@ class ConceptEditSearch:
             "S": S,
             "mask_gain": (S - n0) * dW,  # margin gained by masking, per image
             "shift": (S - mus[y]) * dW,  # site shift, in the harmful direction when > 0
+            "over": S - mus[y],  # over-activation versus the source, same classes
             "amp": -S * dW,  # margin gained per unit of (gamma - 1)
         }
 
@@ -312,9 +317,11 @@ class ConceptEditSearch:
         S, yk = p["S"][keep], y[keep]
         delta = p["mask_gain"][keep].mean(0)
         shift = p["shift"][keep].mean(0)
-        # the class each mask candidate pushes toward most (for its reason)
+        over = p["over"][keep].mean(0)
         masks = [
-            ConceptEdit(k, "mask", 1.0, float(delta[k]), -1) for k in range(K) if delta[k] > _EPS and shift[k] > _EPS
+            ConceptEdit(k, "mask", 1.0, float(delta[k]), -1)
+            for k in range(K)
+            if delta[k] > _EPS and shift[k] > _EPS and over[k] > _EPS
         ]
         masks.sort(key=lambda e: (-e.margin_gain, e.index))
 

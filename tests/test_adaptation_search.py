@@ -1,0 +1,173 @@
+# Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
+"""Concept edit search on synthetic concept scores with planted site effects (METHODS.md §2)."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from medcbm.adaptation import AdaptationSpec, ConceptEditSearch, T3A, lame_predict, refit_head_with_prior
+
+C, K = 3, 6
+CLASSES = ["a", "b", "c"]
+IDS = ["a_marker", "b_marker", "c_marker", "confounder", "weak_c", "noise"]
+
+
+def _head():
+    # concept k in 0..2 marks class k; 'confounder' is evidence for b; 'weak_c' is evidence for c
+    W = np.zeros((C, K))
+    W[0, 0] = W[1, 1] = W[2, 2] = 4.0
+    W[1, 3] = 6.0
+    W[2, 4] = 6.0
+    W[:, 5] = [0.1, -0.1, 0.0]
+    return W, -W @ np.full(K, 0.3)
+
+
+def _scores(rng, y, confound=0.0, weak_c=1.0, n_noise=0.05):
+    S = np.full((len(y), K), 0.1) + rng.normal(0, n_noise, (len(y), K))
+    S[np.arange(len(y)), y] += 0.6  # class markers
+    S[:, 3] += 0.1  # confounder: low at the source
+    S[y == 2, 4] += 0.6 * weak_c  # weak_c: present in class c
+    S[:, 3] += confound  # site effect: confounder fires everywhere
+    S[:, 5] = rng.uniform(0, 1, len(y))
+    return np.clip(S, 0, 1)
+
+
+def _setting(confound=0.6, weak_c=0.25, k=4, seed=0):
+    rng = np.random.default_rng(seed)
+    W, b = _head()
+    yr = np.repeat(np.arange(C), 60)
+    R = _scores(rng, yr)
+    ys = np.repeat(np.arange(C), k)
+    S = _scores(rng, ys, confound=confound, weak_c=weak_c)
+    yt = np.repeat(np.arange(C), 100)
+    T = _scores(rng, yt, confound=confound, weak_c=weak_c)
+    return W, b, R.mean(0), R, yr, S, ys, T, yt
+
+
+def _search():
+    return ConceptEditSearch(class_names=CLASSES, concept_ids=IDS)
+
+
+def test_planted_confounder_is_masked():
+    W, b, neutral, R, yr, S, ys, T, yt = _setting(confound=0.6, weak_c=1.0)
+    s = _search().fit(S, ys, W, b, neutral, R, yr)
+    assert s.mask_.tolist() == [False, False, False, True, False, False]
+    assert np.all(s.gain_ == 1.0)
+    spec = s.spec_
+    assert spec.mask == ["confounder"] and spec.gain == {}
+    assert "mis-activated" in spec.reasons["confounder"] and "toward 'b'" in spec.reasons["confounder"]
+    before = ((T @ W.T + b).argmax(1) == yt).mean()
+    assert before < 0.75 and (s.predict(T) == yt).mean() > 0.95
+    assert spec.source_accuracy_after >= spec.source_accuracy_before - 0.005
+    assert spec.support_accuracy_after > spec.support_accuracy_before
+
+
+def test_planted_under_activated_concept_is_amplified():
+    W, b, neutral, R, yr, S, ys, T, yt = _setting(confound=0.0, weak_c=0.1)
+    W[2, 2] = 0.0  # class c is recognised by 'weak_c' alone ...
+    b = -W @ np.full(K, 0.3)
+    b[2] -= 0.5  # ... which at this site is too weak to win
+    s = ConceptEditSearch(gamma_max=2.0, class_names=CLASSES, concept_ids=IDS).fit(S, ys, W, b, neutral, R, yr)
+    assert not s.mask_.any()
+    assert s.gain_[4] == 2.0  # mu_s / mu_t is about 4: clipped at gamma_max
+    assert np.all(s.gain_[[0, 1, 2, 3, 5]] == 1.0)
+    assert list(s.spec_.gain) == ["weak_c"]
+    assert "under-activated" in s.spec_.reasons["weak_c"] and "for 'c'" in s.spec_.reasons["weak_c"]
+    c = yt == 2
+    assert ((T[c] @ W.T + b).argmax(1) == 2).mean() < 0.3 and (s.predict(T[c]) == 2).mean() > 0.6
+    assert s.spec_.source_accuracy_after >= s.spec_.source_accuracy_before - 0.005
+
+
+def test_no_site_effect_means_no_edit():
+    W, b, neutral, R, yr, S, ys, _, _ = _setting(confound=0.0, weak_c=1.0)
+    s = _search().fit(S, ys, W, b, neutral, R, yr)
+    assert not s.mask_.any() and np.all(s.gain_ == 1.0)
+    assert s.spec_.mask == [] and s.spec_.gain == {} and s.spec_.reasons == {}
+
+
+def test_source_guard_refuses_a_harmful_edit():
+    W, b, neutral, R, yr, S, ys, _, _ = _setting()
+    # The same target site as above (masking the confounder helps there), but at the source class b is
+    # recognised by the confounder alone: masking it would call source b images a.
+    R2 = R.copy()
+    R2[yr == 1, 1] = 0.1
+    R2[yr == 1, 3] += 0.6
+    neutral2 = R2.mean(0)
+    neutral2[3] = 0.2  # masked, the confounder drops to the level of the other classes
+    s = _search().fit(S, ys, W, b, neutral2, R2, yr)
+    assert not s.mask_[3]
+    rejected = {s.concept_ids_[e.index]: reason for e, reason in s.rejected_}
+    assert "confounder" in rejected and "source guard" in rejected["confounder"]
+    assert "confounder" in s.spec_.method["guard_rejected"]
+    assert s.spec_.source_accuracy_after >= s.spec_.source_accuracy_before - 0.005
+    # without the guard (tolerance 99%) the same edit is taken: the guard is what refused it
+    loose = ConceptEditSearch(class_names=CLASSES, concept_ids=IDS, guard_tolerance=0.99)
+    loose.fit(S, ys, W, b, neutral2, R2, yr)
+    assert loose.mask_[3] and loose.spec_.source_accuracy_after < loose.spec_.source_accuracy_before - 0.005
+
+
+def test_missing_class_is_allowed_with_a_warning():
+    W, b, neutral, R, yr, S, ys, _, _ = _setting()
+    keep = ys != 1
+    s = _search().fit(S[keep], ys[keep], W, b, neutral, R, yr)
+    assert s.missing_classes_ == ["b"] and s.spec_.missing_classes == ["b"]
+    assert any("'b'" in w for w in s.spec_.warnings)
+    assert s.mask_[3]  # the confounder is still found from a and c
+    assert s.gain_[1] == 1.0  # nothing is amplified for an unseen class
+
+
+def test_deterministic_and_fast():
+    W, b, neutral, R, yr, S, ys, _, _ = _setting(k=8)
+    R = np.tile(R, (10, 1))
+    yr = np.tile(yr, 10)
+    t = time.perf_counter()
+    a = _search().fit(S, ys, W, b, neutral, R, yr)
+    assert time.perf_counter() - t < 1.0
+    bb = _search().fit(S, ys, W, b, neutral, R, yr)
+    assert a.spec_ == bb.spec_ and a.loo_ == bb.loo_
+
+
+def test_spec_round_trips(tmp_path):
+    W, b, neutral, R, yr, S, ys, _, _ = _setting()
+    s = _search().fit(S, ys, W, b, neutral, R, yr)
+    back = AdaptationSpec.read(s.spec_.write(tmp_path / "adaptation.json"), IDS)
+    assert back == s.spec_
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda a: a.update(support_scores=a["support_scores"][:0], support_labels=a["support_labels"][:0]), "k = 0"),
+        (lambda a: a.update(support_labels=a["support_labels"] + 5), "outside"),
+        (lambda a: a.update(support_labels=a["support_labels"][:-1]), "entries"),
+        (lambda a: a.update(support_scores=a["support_scores"][:, :-1]), "concepts"),
+        (lambda a: a["support_scores"].__setitem__((0, 0), np.nan), "NaN"),
+        (lambda a: a.update(neutral=a["neutral"][:-1]), "neutral"),
+        (lambda a: a.update(reference_scores=a["reference_scores"][:, :2]), "reference_scores"),
+    ],
+)
+def test_inputs_are_validated(change, needle):
+    W, b, neutral, R, yr, S, ys, _, _ = _setting()
+    args = dict(
+        support_scores=S.copy(), support_labels=ys, weight=W, bias=b, neutral=neutral,
+        reference_scores=R, reference_labels=yr,
+    )
+    change(args)
+    with pytest.raises(ValueError, match=needle):
+        _search().fit(**args)
+
+
+def test_baselines_run_and_use_the_support():
+    W, b, neutral, R, yr, S, ys, T, yt = _setting()
+    t3a = T3A(W, b).predict(T, S, ys)
+    assert t3a.shape == yt.shape
+    lame = lame_predict(T @ W.T + b, T)
+    assert lame.shape == yt.shape
+    prior = np.sign(W[:, :5])
+    prior = np.concatenate([prior, np.zeros((C, 1))], 1)
+    head = refit_head_with_prior(S, ys, prior)
+    assert head is not None and (head.predict(T) == yt).mean() > 0.8
+    assert refit_head_with_prior(S[ys != 2], ys[ys != 2], prior) is None
