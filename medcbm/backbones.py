@@ -17,22 +17,35 @@ Weights are loaded safely: safetensors, or ``torch.load(weights_only=True)`` ins
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import socket
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
+from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
 from monai.utils import optional_import
 from safetensors.torch import save_file
 
+from .errors import BackboneUnavailableError
+
 open_clip, _has_open_clip = optional_import("open_clip")
 
 __all__ = [
     "BACKBONE_PRESETS",
+    "BackboneUnavailableError",
+    "HUB_CONNECT_TIMEOUT_S",
+    "hub_reachable",
+    "hub_files_cached",
+    "hub_unavailable_message",
     "verify_hub_weights",
     "Backbone",
     "ImageEncoder",
@@ -73,27 +86,112 @@ BACKBONE_PRESETS: dict[str, dict[str, str]] = {
 }
 
 
+#: Which bundle's ``large_files.yml`` fetches each preset (``download_large_files`` puts it in models/hub/<name>).
+_PRESET_BUNDLES = {"whylesionclip": "derm_cbm", "whyxrayclip": "cxr_cbm", "biomedclip": "blood_cbm"}
+_HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+#: Seconds one connection attempt to the hub (or the HTTPS proxy) may take before a backbone that is not
+#: cached is declared unavailable; ``MEDCBM_HUB_TIMEOUT`` overrides it.
+HUB_CONNECT_TIMEOUT_S = 3.0
+
+
+def hub_reachable(timeout: float | None = None) -> tuple[bool, str]:
+    """One TCP connection attempt to the Hugging Face endpoint (or the HTTPS proxy), no retries.
+
+    huggingface_hub itself retries an unreachable host five times with back-off (about half a minute per
+    file); this answers within ``timeout`` seconds, DNS included.
+
+    Returns:
+        ``(True, "")`` or ``(False, reason)``; ``HF_HUB_OFFLINE=1`` answers ``False`` without any attempt.
+    """
+    from huggingface_hub import constants
+
+    if constants.is_offline_mode():
+        return False, "HF_HUB_OFFLINE is set"
+    if timeout is None:
+        timeout = float(os.environ.get("MEDCBM_HUB_TIMEOUT", HUB_CONNECT_TIMEOUT_S))
+    proxy = next(
+        (os.environ[k] for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy") if os.environ.get(k)), ""
+    )
+    url = urlparse(proxy if "://" in proxy else (f"http://{proxy}" if proxy else constants.ENDPOINT))
+    host = url.hostname or ""
+    port = url.port or (443 if url.scheme == "https" else 80)
+    result: list[str] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append("")
+        except OSError as e:
+            result.append(f"cannot connect to {host}:{port}: {e.strerror or e}")
+
+    t = threading.Thread(target=attempt, name="medcbm-hub-probe", daemon=True)  # DNS has no timeout of its own
+    t.start()
+    t.join(timeout)
+    if not result:
+        return False, f"no connection to {host}:{port} within {timeout:g} s"
+    return (not result[0]), result[0]
+
+
+def hub_files_cached(repo_id: str, filenames: Sequence[str]) -> dict[str, Path]:
+    """The files of ``repo_id`` already in the local Hugging Face cache (name -> path); no network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found: dict[str, Path] = {}
+    for name in filenames:
+        path = try_to_load_from_cache(repo_id, name)
+        if isinstance(path, str) and Path(path).is_file():
+            found[name] = Path(path)
+    return found
+
+
+def hub_unavailable_message(name: str, spec: str, reason: str) -> str:
+    """One line: which backbone, why it cannot be had, how to fetch its weights and use them via ``local-dir:``."""
+    repo = spec[len(HF_HUB) :]
+    shown = name if name == spec else f"{name} ({spec})"
+    preset = next((k for k, p in BACKBONE_PRESETS.items() if p["spec"] == spec), None)
+    bundle = _PRESET_BUNDLES.get(preset or "")
+    if bundle and preset:
+        folder = f"bundles/{bundle}/models/hub/{preset}"
+        fetch = (
+            f"`python -m monai.bundle download_large_files --bundle_path bundles/{bundle}` on a connected machine, "
+            f"copy {folder} here and pass --backbone local-dir:{folder}"
+        )
+    else:
+        fetch = (
+            f"`hf download {repo} --local-dir DIR` (huggingface_hub's CLI) on a connected machine, "
+            "copy DIR here and pass --backbone local-dir:DIR"
+        )
+    return (
+        f"backbone {shown} is not in the local Hugging Face cache and the hub cannot be reached ({reason}); run {fetch}"
+    )
+
+
 def verify_hub_weights(spec: str) -> Path | None:
-    """Download (or find in the HF cache) a preset hub backbone's weights and check their sha256.
+    """Find (in the HF cache) or download a preset hub backbone's weights and check their sha256.
 
     Returns the verified file, or ``None`` for a spec without a pinned hash.
 
     Raises:
+        BackboneUnavailableError: the file is not cached and cannot be downloaded.
         ValueError: the file's sha256 differs from the pinned one (the file is named in the message).
     """
     preset = next((p for p in BACKBONE_PRESETS.values() if p["spec"] == spec), None)
     if preset is None:
         return None
-    from huggingface_hub import hf_hub_download
+    repo = spec[len(HF_HUB) :]
+    path = hub_files_cached(repo, [preset["weights"]]).get(preset["weights"])
+    if path is None:
+        from huggingface_hub import hf_hub_download
 
-    try:
-        path = Path(hf_hub_download(spec[len(HF_HUB) :], preset["weights"]))
-    except Exception as e:  # offline, proxy, gated repo: say what to do instead of a hub traceback
-        raise RuntimeError(
-            f"cannot fetch {preset['weights']} of {spec} ({type(e).__name__}); with no internet, download it "
-            "elsewhere with `python -m monai.bundle download_large_files --bundle_path bundles/<name>` and use "
-            "--backbone local-dir:bundles/<name>/models/hub/<model>"
-        ) from e
+        try:
+            path = Path(hf_hub_download(repo, preset["weights"]))
+        except Exception as e:  # offline, proxy, gated repo: say what to do instead of a hub traceback
+            name = next(k for k, p in BACKBONE_PRESETS.items() if p is preset)
+            raise BackboneUnavailableError(
+                f"cannot fetch {preset['weights']} of {spec} ({type(e).__name__}); "
+                + hub_unavailable_message(name, spec, str(e).splitlines()[0] if str(e) else type(e).__name__)
+            ) from e
     digest = file_sha256(path)
     if digest != preset["sha256"]:
         raise ValueError(
@@ -101,6 +199,22 @@ def verify_hub_weights(spec: str) -> Path | None:
             "refusing to load these weights (delete the file and download again)"
         )
     return path
+
+
+@contextlib.contextmanager
+def _hub_offline(enabled: bool) -> Iterator[None]:
+    """Within: huggingface_hub answers from its cache only (no HEAD requests, no retries)."""
+    if not enabled:
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -188,14 +302,31 @@ class Backbone:
 def load_backbone(spec: str, pretrained: str | None = None, device: str | torch.device = "cpu") -> Backbone:
     """Load an open_clip backbone by spec (``local-dir:``, ``hf-hub:``, or model name + ``pretrained``).
 
+    A hub spec is loaded from the local Hugging Face cache when its config and weights are there (no
+    network); otherwise one short connection attempt decides, before any download, whether it can be
+    fetched.
+
     Raises:
+        BackboneUnavailableError: a hub backbone is not cached and the hub cannot be reached (one line
+            naming the backbone, ``local-dir:`` and how to fetch the weights).
         FileNotFoundError: a ``local-dir:`` folder or its files are missing.
         ValueError: the spec is empty.
     """
     if not spec:
         raise ValueError("backbone spec is empty; use 'local-dir:PATH', 'hf-hub:org/repo' or an open_clip model name")
+    name = spec
     spec = BACKBONE_PRESETS.get(spec, {}).get("spec", spec)
+    cached = False
     if spec.startswith(HF_HUB):
+        # Cache first, then one short connection attempt: offline ends here in seconds with one line,
+        # not after huggingface_hub's retries for every candidate file.
+        repo = spec[len(HF_HUB) :]
+        found = hub_files_cached(repo, ("open_clip_config.json", *_HUB_WEIGHTS))
+        cached = "open_clip_config.json" in found and any(w in found for w in _HUB_WEIGHTS)
+        if not cached:
+            ok, reason = hub_reachable()
+            if not ok:
+                raise BackboneUnavailableError(hub_unavailable_message(name, spec, reason))
         verify_hub_weights(spec)
     if spec.startswith(LOCAL_DIR):
         folder = Path(spec[len(LOCAL_DIR) :])
@@ -209,7 +340,8 @@ def load_backbone(spec: str, pretrained: str | None = None, device: str | torch.
             )
         # open_clip resolves the folder relative to the CWD; pass it absolute so any CWD works.
         spec = LOCAL_DIR + str(folder.resolve())
-    model = open_clip.create_model(spec, pretrained=pretrained, device=device, weights_only=True)
+    with _hub_offline(cached):
+        model = open_clip.create_model(spec, pretrained=pretrained, device=device, weights_only=True)
     model.eval()
     pp = getattr(model.visual, "preprocess_cfg", {}) or {}
     size = pp.get("size", getattr(model.visual, "image_size", 224))
@@ -236,12 +368,15 @@ def save_local_dir(
     std: Sequence[float] = OPENAI_CLIP_STD,
     half: bool = False,
     extra: dict[str, Any] | None = None,
+    resize_mode: str = "shortest",
 ) -> Path:
     """Write ``model`` as an open_clip ``local-dir:`` folder (config JSON + safetensors).
 
     Args:
         half: store weights as float16 (halves the size; open_clip casts back on load).
         extra: more keys for ``open_clip_config.json`` (e.g. provenance of the training run).
+        resize_mode: ``preprocess_cfg.resize_mode`` (``"shortest"``: resize + centre crop; ``"longest"``:
+            pad to square, keeping the whole field of view).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -253,7 +388,7 @@ def save_local_dir(
             "mean": list(mean),
             "std": list(std),
             "interpolation": "bicubic",
-            "resize_mode": "shortest",
+            "resize_mode": resize_mode,
         },
     }
     if extra:

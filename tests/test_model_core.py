@@ -201,6 +201,7 @@ def test_hub_weights_are_hash_checked_before_loading(tmp_path, monkeypatch):
 
     fake = tmp_path / "open_clip_pytorch_model.bin"
     fake.write_bytes(b"tampered weights")
+    monkeypatch.setattr("medcbm.backbones.hub_reachable", lambda timeout=None: (True, ""))  # as if online
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: str(fake))
     with pytest.raises(ValueError, match="does not match the pinned"):
         load_backbone("whyxrayclip")  # preset name resolves to the hub spec and is verified first

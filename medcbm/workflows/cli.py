@@ -30,7 +30,7 @@ import inspect
 import os
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -43,6 +43,7 @@ __all__ = [
     "in_bundle_cli",
     "parse_cli_options",
     "known_cli_options",
+    "nearest_option",
     "check_cli_options",
     "check_output_dir",
     "check_models_dir",
@@ -193,6 +194,23 @@ def _check_nested(option: str, config: Mapping[str, Any]) -> str | None:
     return None
 
 
+def nearest_option(name: str, known: Iterable[str], cutoff: float = 0.5) -> str | None:
+    """The known option most like ``name``: difflib similarity, favouring one with the same first word.
+
+    ``input_dir`` is nearer to ``input`` than to ``output_dir`` although difflib alone rates the latter higher.
+    """
+    first = name.split("_", 1)[0]
+    best, best_score = None, cutoff
+    for k in sorted(known):
+        ratio = difflib.SequenceMatcher(None, name, k).ratio()
+        if ratio < cutoff:
+            continue
+        score = ratio + (0.5 if k.split("_", 1)[0] == first else 0.0)
+        if score > best_score:
+            best, best_score = k, score
+    return best
+
+
 def check_cli_options(
     argv: Sequence[str] | None = None, config: Mapping[str, Any] | None = None, force: bool = False
 ) -> None:
@@ -233,8 +251,8 @@ def _check_cli_options(argv: Sequence[str], config: Mapping[str, Any] | None) ->
         if root.startswith("_") and root.endswith("_"):  # _meta_, _requires_: MONAI's reserved sections
             continue
         if root not in known:
-            near = difflib.get_close_matches(root, sorted(known), n=1, cutoff=0.5)
-            hint = f"; did you mean --{near[0]}?" if near else ""
+            near = nearest_option(root, known)
+            hint = f"; did you mean --{near}?" if near else ""
             raise UnknownOptionError(f"unknown option --{name} (not a key of the config or of monai.bundle run){hint}")
         if "#" in name:
             reason = _check_nested(name, config)
@@ -275,7 +293,9 @@ def check_models_dir(path: str | os.PathLike[str] | None, required: Sequence[str
         return None
     folder = Path(path)  # type: ignore[arg-type]
     if not folder.exists():
-        raise ModelsDirError(f"--models_dir {folder} does not exist (train.yaml writes one; or use the bundle's models/)")
+        raise ModelsDirError(
+            f"--models_dir {folder} does not exist (train.yaml writes one; or use the bundle's models/)"
+        )
     if not folder.is_dir():
         raise ModelsDirError(f"--models_dir {folder} is a file, not a folder")
     missing = [r for r in required if not (folder / r).exists()]
@@ -308,7 +328,11 @@ def user_error_message(exc: BaseException) -> str | None:
     for e in _chain(exc):
         if isinstance(e, OSError) and e.errno in _OS_USER_ERRNOS:
             where = e.filename if e.filename is not None else "a file"
-            hint = "; free space or choose another --output_dir" if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)) else ""
+            hint = (
+                "; free space or choose another --output_dir"
+                if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+                else ""
+            )
             return _one_line(f"{where}: {_OS_USER_ERRNOS[e.errno]}{hint}")
     return None
 
