@@ -160,3 +160,20 @@ def test_head_selection_picks_the_prior_strength_that_wins_on_validation():
     assert curve2[0.0] > curve2[10.0] + 0.1 and head2.prior_strength_ == 0.0
     # the kept weights are the selected fit's, not the last one visited
     np.testing.assert_allclose(head2.score(Xv2, yv2), curve2[0.0])
+
+
+def test_text_grounding_without_concept_labels_keeps_every_concept():
+    (Xtr, ytr, _), (Xva, yva, _) = _split(200, 4), _split(100, 5)
+    emb = torch.nn.functional.normalize(torch.eye(len(CONCEPTS), D), dim=-1)  # concept k reads feature axis k
+    fit = fit_cbm(_bank(), Xtr, ytr, Xva, yva, mode="auto", text_embeddings=emb, prior_strength=0.0)
+    assert fit.grounding.mode == "text" and fit.bank.concept_ids == CONCEPTS
+    assert fit.dropped == {} and fit.report == []  # nothing to judge grounding by: nothing is dropped
+    np.testing.assert_allclose(fit.neutral, 0.0, atol=1e-5)  # text scores are centred on the training mean
+
+
+def test_too_few_groundable_concepts_is_a_clear_error():
+    (Xtr, ytr, Ctr), (Xva, yva, Cva) = _split(200, 6), _split(100, 7)
+    Cva[:, 1] = np.random.default_rng(0).random(len(Cva)) < 0.5  # spiky labels become noise on validation
+    Cva[:, 2] = np.nan  # and the noise concept is unlabelled there
+    with pytest.raises(ValueError, match=r"only 1 concepts are groundable on the validation data"):
+        fit_cbm(_bank(), Xtr, ytr, Xva, yva, Ctr, Cva, mode="probe", prior_strength=0.0)
