@@ -222,8 +222,10 @@ def _description(description: str, configs_dir: Path, where: str) -> str:
         return _SUPPORTS.sub(lambda _: (" " + sentence) if sentence else "", description, count=1)
     anchor = " Optional larger hub backbones"
     if anchor not in description:
-        raise GeneratedBlockError(f"{where}: description has neither a 'The bundle also supports' sentence nor"
-                                  f" '{anchor.strip()}' to place one before")
+        raise GeneratedBlockError(
+            f"{where}: description has neither a 'The bundle also supports' sentence nor "
+            f"'{anchor.strip()}' to place one before"
+        )
     return description.replace(anchor, f" {sentence}{anchor}", 1) if sentence else description
 
 
@@ -257,8 +259,8 @@ def updated_files(results_path: Path = DEFAULT_RESULTS, repo: Path = REPO) -> di
         old = card.read_text()
         text = old
         if bundle in results:
-            text = replace_block(text, "evaluate_bundles", render_evaluation(bundle, results[bundle],
-                                                                             _rel(results_path)), str(card))
+            body = render_evaluation(bundle, results[bundle], _rel(results_path))
+            text = replace_block(text, "evaluate_bundles", body, str(card))
         fit_path = root / "models" / "fit_report.json"
         text = replace_block(text, "fit_report", render_fit_report(_read_json(fit_path), _rel(fit_path)), str(card))
         log_path = root / "models" / "backbone" / "training_log.json"

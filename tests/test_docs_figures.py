@@ -14,6 +14,7 @@ import importlib.util
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,8 +47,13 @@ def test_cards_and_metadata_are_in_sync_with_the_results_files():
 def _copy_sources(tmp: Path) -> Path:
     """The files the generator reads and writes, copied into a scratch repository."""
     for b in BUNDLES:
-        for rel in ("docs/README.md", "configs/metadata.json", "models/fit_report.json",
-                    "models/backbone/training_log.json", "configs/train.yaml"):
+        for rel in (
+            "docs/README.md",
+            "configs/metadata.json",
+            "models/fit_report.json",
+            "models/backbone/training_log.json",
+            "configs/train.yaml",
+        ):
             src = REPO / "bundles" / b / rel
             dst = tmp / "bundles" / b / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -156,7 +162,7 @@ def test_the_figure_scan_catches_a_hand_written_figure(tmp_path, monkeypatch):
         "<!-- BEGIN GENERATED: evaluate_bundles -->\n| accuracy | 99.6 |\n<!-- END GENERATED -->\n"
         "about 69 % nevus; one-sided 95 % lower bound above 0.5\n"
     )
-    monkeypatch.setattr(__import__(__name__), "REPO", tmp_path)
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
     found = _loose_figures(card)
     assert [f.split(": ", 1)[1].split(" in ")[0] for f in found] == ["'0.662'", "'0.772'", "'69 %'"]
 
@@ -180,8 +186,8 @@ def test_supports_sentence_follows_the_config_files(tmp_path):
     gen = _generator()
     assert gen.supports_sentence(tmp_path) == ""
     (tmp_path / "train.yaml").write_text("{}")
-    assert gen.supports_sentence(tmp_path) == "The bundle also supports re-fitting on a site's labelled data " \
-        "(configs/train.yaml)."
+    expected = "The bundle also supports re-fitting on a site's labelled data (configs/train.yaml)."
+    assert gen.supports_sentence(tmp_path) == expected
     (tmp_path / "adapt.yaml").write_text("{}")
     sentence = gen.supports_sentence(tmp_path)
     assert "(configs/adapt.yaml)" in sentence and "audit.yaml" not in sentence

@@ -21,7 +21,9 @@ CONCEPTS = ["round", "spiky", "noise", "rare"]
 
 def _bank() -> ConceptBank:
     source = {"citation": "Toy textbook"}
-    concepts = [{"id": c, "text": f"a {c} thing", "group": "shape", "kind": "finding", "source": source} for c in CONCEPTS]
+    concepts = [
+        {"id": c, "text": f"a {c} thing", "group": "shape", "kind": "finding", "source": source} for c in CONCEPTS
+    ]
     prior = {"alpha": {"round": 1, "spiky": -1}, "beta": {"round": -1, "spiky": 1}}
     return ConceptBank.from_dict({"name": "toy", "classes": ["alpha", "beta"], "concepts": concepts, "prior": prior})
 
