@@ -23,10 +23,22 @@ from .grounding import (
 )
 from .head import KnowledgePriorHead
 from .metrics import accuracy, auroc, balanced_accuracy
+from .progress import progress
 
-__all__ = ["FittedCBM", "fit_cbm", "choose_grounding_mode", "classification_metrics"]
+__all__ = [
+    "FittedCBM",
+    "fit_cbm",
+    "choose_grounding_mode",
+    "classification_metrics",
+    "indistinguishable_concepts",
+    "INDISTINGUISHABLE_CORRELATION",
+]
 
 logger = logging.getLogger(__name__)
+
+#: Two concepts whose training scores correlate above this are one concept to the head (its weights
+#: between them are arbitrary, and explanations list both). A data-independent constant, not tuned.
+INDISTINGUISHABLE_CORRELATION = 0.999
 
 
 @dataclass
@@ -41,6 +53,47 @@ class FittedCBM:
     report: list[ConceptGroundingReport] = field(default_factory=list)
     dropped: dict[str, str] = field(default_factory=dict)  # concept id -> reason
     val_metrics: dict[str, Any] = field(default_factory=dict)
+    indistinguishable: list[dict[str, Any]] = field(default_factory=list)  # see indistinguishable_concepts
+    warnings: list[str] = field(default_factory=list)  # one sentence each, also logged
+
+
+def indistinguishable_concepts(
+    concept_ids: Sequence[str],
+    scores: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    threshold: float = INDISTINGUISHABLE_CORRELATION,
+) -> list[dict[str, Any]]:
+    """Pairs of concepts a fit cannot tell apart: identical label columns, or scores correlated above ``threshold``.
+
+    Args:
+        concept_ids: the ``K`` concept ids, in column order.
+        scores: ``(N, K)`` concept scores on the training data (constant columns are not compared).
+        labels: ``(N, K)`` concept labels, NaN where not annotated; columns with no label are not compared.
+        threshold: Pearson correlation above which two score columns count as the same concept.
+
+    Returns:
+        One dict per pair, ``{"concepts": [a, b], "reason": ...}``, in column order.
+    """
+    found: dict[tuple[int, int], str] = {}
+    if labels is not None:
+        L = np.asarray(labels, dtype=np.float64)
+        annotated = np.isfinite(L).any(0)
+        for a in range(L.shape[1]):
+            for b in range(a + 1, L.shape[1]):
+                if annotated[a] and annotated[b] and np.array_equal(L[:, a], L[:, b], equal_nan=True):
+                    found[(a, b)] = "identical concept labels on the training data"
+    if scores is not None and len(scores) > 2:
+        S = np.asarray(scores, dtype=np.float64)
+        sd = S.std(0)
+        varying = np.flatnonzero(sd > 1e-12 * max(1.0, float(np.abs(S).max())))
+        if len(varying) > 1:
+            corr = np.corrcoef(S[:, varying], rowvar=False)
+            for i, a in enumerate(varying):
+                for j in range(i + 1, len(varying)):
+                    b = varying[j]
+                    if corr[i, j] > threshold and (a, b) not in found:
+                        found[(int(a), int(b))] = f"training scores correlate at {corr[i, j]:.4f} (> {threshold})"
+    return [{"concepts": [concept_ids[a], concept_ids[b]], "reason": r} for (a, b), r in sorted(found.items())]
 
 
 def choose_grounding_mode(concept_labels: np.ndarray | None) -> str:
@@ -102,17 +155,20 @@ def fit_cbm(
     Xtr = torch.as_tensor(np.asarray(train_features, dtype=np.float32))
     Xva = torch.as_tensor(np.asarray(val_features, dtype=np.float32))
     K = bank.num_concepts
-    if mode == "probe":
-        if train_concepts is None or val_concepts is None:
-            raise ValueError("probe grounding needs concept labels for the training and validation images")
-        grounding: ConceptGrounding = fit_concept_probes(Xtr.numpy(), train_concepts, Xva.numpy(), val_concepts)
-    elif mode == "text":
-        if text_embeddings is None:
-            raise ValueError("text grounding needs the concept text embeddings of this backbone")
-        grounding = TextGrounding(text_embeddings).calibrate(Xtr)
-    else:
+    if mode == "probe" and (train_concepts is None or val_concepts is None):
+        raise ValueError("probe grounding needs concept labels for the training and validation images")
+    if mode == "text" and text_embeddings is None:
+        raise ValueError("text grounding needs the concept text embeddings of this backbone")
+    if mode not in ("probe", "text"):
         raise ValueError(f"unknown grounding mode {mode!r}")
+    bar = progress(total=3, desc="fit", unit="step", rate=False)  # grounding, checks, head
+    bar.set_postfix(f"{mode} grounding of {K} concepts")
+    if mode == "probe":
+        grounding: ConceptGrounding = fit_concept_probes(Xtr.numpy(), train_concepts, Xva.numpy(), val_concepts)
+    else:
+        grounding = TextGrounding(text_embeddings).calibrate(Xtr)
 
+    bar.update(1)
     keep = list(range(K))
     report: list[ConceptGroundingReport] = []
     dropped: dict[str, str] = {}
@@ -124,20 +180,38 @@ def fit_cbm(
             keep = [k for k, r in enumerate(report) if r.groundable]
             dropped = {r.concept_id: r.reason for r in report if not r.groundable}
             if len(keep) < 2:
+                bar.close(summary=False)
                 raise ValueError(f"only {len(keep)} concepts are groundable on the validation data: {dropped}")
     sub_bank = bank.subset([bank.concept_ids[k] for k in keep])
     grounding = _subset_grounding(grounding, keep)
     with torch.no_grad():
         s_tr, s_va = grounding(Xtr).numpy(), grounding(Xva).numpy()
+    same = indistinguishable_concepts(
+        sub_bank.concept_ids, s_tr, None if train_concepts is None else np.asarray(train_concepts)[:, keep]
+    )
+    fit_warnings = [
+        f"concepts {a} and {b} are indistinguishable ({item['reason']}); the head cannot tell them apart: "
+        "merge them or fix their labels"
+        for item in same
+        for a, b in [item["concepts"]]
+    ]
+    for w in fit_warnings:
+        logger.warning(w)
+    bar.set_postfix("head")
+    bar.update(1)
     head = KnowledgePriorHead(prior=sub_bank.prior, prior_strength=prior_strength, sparsity=sparsity)
     head.fit(s_tr, np.asarray(train_y), s_va, np.asarray(val_y), n_classes=bank.num_classes)
+    bar.update(1)
+    bar.close()
     train_y = np.asarray(train_y)
     class_means = np.stack([s_tr[train_y == c].mean(0) for c in range(bank.num_classes)])
     val_metrics = classification_metrics(np.asarray(val_y), head.predict_proba(s_va), bank.classes)
     val_metrics["prior_strength"] = head.prior_strength_
     val_metrics["prior_agreement"] = round(head.prior_agreement(), 4)
     logger.info("fitted %s CBM with %d/%d concepts; validation %s", mode, len(keep), K, val_metrics)
-    return FittedCBM(sub_bank, grounding, head, s_tr.mean(0), class_means, report, dropped, val_metrics)
+    return FittedCBM(
+        sub_bank, grounding, head, s_tr.mean(0), class_means, report, dropped, val_metrics, same, fit_warnings
+    )
 
 
 def _subset_grounding(g: ConceptGrounding, keep: list[int]) -> ConceptGrounding:

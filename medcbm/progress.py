@@ -38,11 +38,11 @@ def progress_enabled() -> bool:
     return os.environ.get("MEDCBM_PROGRESS", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def format_summary(desc: str, count: float, seconds: float, unit: str = "img") -> str:
-    """``"<desc>: <count> <unit> in <s> s (<rate> <unit>/s)"`` (rate omitted for a zero-length run)."""
+def format_summary(desc: str, count: float, seconds: float, unit: str = "img", rate: bool = True) -> str:
+    """``"<desc>: <count> <unit> in <s> s (<rate> <unit>/s)"`` (rate omitted when off or for an empty run)."""
     n = int(count) if float(count).is_integer() else round(float(count), 2)
-    rate = f" ({count / seconds:.1f} {unit}/s)" if seconds > 0 and count > 0 else ""
-    return f"{desc}: {n} {unit} in {seconds:.1f} s{rate}"
+    per_s = f" ({count / seconds:.1f} {unit}/s)" if rate and seconds > 0 and count > 0 else ""
+    return f"{desc}: {n} {unit} in {seconds:.1f} s{per_s}"
 
 
 class Progress(Generic[T]):
@@ -57,6 +57,7 @@ class Progress(Generic[T]):
         enabled: show anything at all (default :func:`progress_enabled`).
         file: where to write (default ``sys.stderr``).
         summary: print the summary line on close.
+        rate: show units per second (off for coarse units such as the steps of a fit).
     """
 
     def __init__(
@@ -69,7 +70,9 @@ class Progress(Generic[T]):
         enabled: bool | None = None,
         file: IO[str] | None = None,
         summary: bool = True,
+        rate: bool = True,
     ) -> None:
+        self.rate = rate
         self.iterable = iterable
         if total is None and iterable is not None and hasattr(iterable, "__len__") and step is None:
             total = len(iterable)  # type: ignore[arg-type]
@@ -124,11 +127,17 @@ class Progress(Generic[T]):
         if self._bar is not None:
             self._bar.set_postfix_str(text, refresh=False)
 
-    def close(self) -> str:
-        """End the bar and print the summary line (once); returns the summary text."""
+    def close(self, summary: bool | None = None) -> str:
+        """End the bar and print the summary line (once; ``summary=False``: not at all, e.g. on failure).
+
+        Returns:
+            The summary text.
+        """
         if self.seconds is None:
             self.seconds = time.perf_counter() - self.start
-        text = format_summary(self.desc, self.count, self.seconds, self.unit)
+        text = format_summary(self.desc, self.count, self.seconds, self.unit, self.rate)
+        if summary is not None:
+            self.summary = summary
         if self._closed:
             return text
         self._closed = True
@@ -156,10 +165,11 @@ def progress(
     enabled: bool | None = None,
     file: IO[str] | None = None,
     summary: bool = True,
+    rate: bool = True,
 ) -> Progress[T]:
     """A :class:`Progress` bar on stderr with units per second and a summary line at the end.
 
     Iterate it (``for x in progress(items, desc="features")``) or use it as a context manager and call
     ``update(n)``. Quiet when ``MEDCBM_PROGRESS=0`` or ``enabled=False``.
     """
-    return Progress(iterable, total, desc, unit, step, enabled, file, summary)
+    return Progress(iterable, total, desc, unit, step, enabled, file, summary, rate)

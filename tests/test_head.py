@@ -105,3 +105,59 @@ def test_predict_before_fit_and_wrong_width():
     head.fit(X, y)
     with pytest.raises(ValueError, match="fitted on 6"):
         head.predict(np.zeros((1, 4)))
+
+
+# ----------------------------------------------------------------- indistinguishable concepts (fitting.py)
+def test_indistinguishable_concepts_by_labels_and_by_scores():
+    from medcbm.fitting import indistinguishable_concepts
+
+    rng = np.random.default_rng(0)
+    lab = (rng.random((50, 4)) < 0.5).astype(float)
+    lab[:, 1] = lab[:, 0]  # the same label column under two names
+    lab[::3, 2] = np.nan
+    lab[:, 3] = lab[:, 2]  # same, including where it is not annotated
+    ids = ["a", "b", "c", "d"]
+    got = indistinguishable_concepts(ids, labels=lab)
+    assert [g["concepts"] for g in got] == [["a", "b"], ["c", "d"]]
+    assert all("identical concept labels" in g["reason"] for g in got)
+    lab[1, 3] = 1 - lab[1, 2]  # one differing image separates them
+    assert [g["concepts"] for g in indistinguishable_concepts(ids, labels=lab)] == [["a", "b"]]
+
+    s = rng.standard_normal((200, 4))
+    s[:, 2] = 3 * s[:, 0] + 1 + 1e-4 * rng.standard_normal(200)  # same concept, another scale
+    s[:, 3] = s[:, 1] + 0.2 * rng.standard_normal(200)  # correlated (~0.98), still distinguishable
+    got = indistinguishable_concepts(ids, scores=s)
+    assert [g["concepts"] for g in got] == [["a", "c"]] and "correlate at" in got[0]["reason"]
+    s[:, 1] = s[:, 3] = 0.5  # constant columns have no correlation: not flagged as one concept
+    assert [g["concepts"] for g in indistinguishable_concepts(ids, scores=s)] == [["a", "c"]]
+
+
+def test_fit_warns_and_reports_indistinguishable_concepts(caplog):
+    from medcbm.concepts import ConceptBank
+    from medcbm.fitting import fit_cbm
+
+    src = {"citation": "Toy textbook"}
+    ids = ["round", "circular", "spiky"]
+    concepts = [{"id": c, "text": c, "group": "shape", "kind": "finding", "source": src} for c in ids]
+    bank = ConceptBank.from_dict(
+        {"name": "toy", "classes": ["alpha", "beta"], "concepts": concepts, "prior": {"beta": {"round": 1}}}
+    )
+
+    def split(n, seed):
+        rng = np.random.default_rng(seed)
+        X = rng.standard_normal((n, 8))
+        X /= np.linalg.norm(X, axis=1, keepdims=True)
+        C = np.stack([X[:, 0] > 0, X[:, 0] > 0, X[:, 1] > 0], axis=1).astype(float)  # circular == round
+        return X, C[:, 0].astype(np.int64), C
+
+    (Xtr, ytr, Ctr), (Xva, yva, Cva) = split(300, 0), split(150, 1)
+    with caplog.at_level("WARNING", logger="medcbm.fitting"):
+        fitted = fit_cbm(bank, Xtr, ytr, Xva, yva, Ctr, Cva, mode="probe", prior_strength=0.0)
+    assert [d["concepts"] for d in fitted.indistinguishable] == [["round", "circular"]]
+    assert len(fitted.warnings) == 1 and "round and circular are indistinguishable" in fitted.warnings[0]
+    assert any("indistinguishable" in r.getMessage() for r in caplog.records)
+
+    Ctr[:5, 1] = 1 - Ctr[:5, 1]  # a few images tell the labels apart
+    Cva[:5, 1] = 1 - Cva[:5, 1]
+    fitted = fit_cbm(bank, Xtr, ytr, Xva, yva, Ctr, Cva, mode="probe", prior_strength=0.0)
+    assert not any("identical concept labels" in d["reason"] for d in fitted.indistinguishable)
