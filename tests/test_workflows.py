@@ -15,6 +15,7 @@ from PIL import Image
 
 from conftest import REPO, bundle_command
 from medcbm.backbones import load_backbone
+from medcbm.bundle import LoadedBundle
 from medcbm.workflows import InferenceRunner, TrainingRunner, load_bundle_network
 
 
@@ -91,8 +92,12 @@ def test_refit_then_infer(toy_site, with_concepts, mode):
     ).run()
     assert report["grounding"] == mode
     assert json.loads((out / "fit_report.json").read_text())["n_train"] == 12
-    net = load_bundle_network(out, bank)
-    assert net.model_info["fit"] == "trained" and net.concepts == ["red_area", "blue_area"]
+    bundle = LoadedBundle.load(tmp, models_dir=out, concepts_file=bank)
+    assert bundle.info["fit"] == "trained" and bundle.concept_ids == ["red_area", "blue_area"]
+    # the source reference set: validation scores and labels, no images
+    ref = bundle.reference
+    assert ref is not None and ref.scores.shape == (12, 2) and sorted(set(ref.labels.tolist())) == [0, 1]
+    assert len(ref.train_features) == 12
     # a second fit on the same images is served from the feature cache
     again = TrainingRunner(
         bank,
@@ -104,7 +109,7 @@ def test_refit_then_infer(toy_site, with_concepts, mode):
         drop_ungroundable=False,
     ).run()
     assert again["feature_cache"]["misses"] == 0 and again["feature_cache"]["hits"] == 24
-    n_err = InferenceRunner(net, tmp / "pred", input=tmp / "imgs", exit_on_error=False).run()
+    n_err = InferenceRunner(output_dir=tmp / "pred", input=tmp / "imgs", exit_on_error=False, bundle=bundle).run()
     assert n_err == 0
     with open(tmp / "pred" / "predictions.csv") as f:
         got = list(csv.DictReader(f))
@@ -153,20 +158,20 @@ def test_refit_rejects_unknown_labels_and_bad_concept_values(toy_site):
 
 
 def test_adaptation_file_applies_edit_and_rejects_unknown_concepts(tmp_path):
-    B = REPO / "bundles" / "blood_cbm"
-    (tmp_path / "a.json").write_text(json.dumps({"mask": ["large_cell"], "gain": {"red_orange_granules": 1.5}}))
+    B = REPO / "bundles" / "cxr_cbm"
+    ids = load_bundle_network(B / "models", B / "configs" / "concepts.yaml").concepts
+    (tmp_path / "a.json").write_text(json.dumps({"mask": [ids[0]], "gain": {ids[1]: 1.5}}))
     net = load_bundle_network(B / "models", B / "configs" / "concepts.yaml", adaptation=tmp_path / "a.json")
-    k = net.concepts.index("large_cell")
-    assert bool(net.edit_mask[k]) and float(net.edit_gain[net.concepts.index("red_orange_granules")]) == 1.5
+    assert bool(net.edit_mask[0]) and not bool(net.edit_mask[1]) and float(net.edit_gain[1]) == 1.5
     (tmp_path / "b.json").write_text(json.dumps({"mask": ["no_such_concept"]}))
-    with pytest.raises(ValueError, match="b.json: unknown concept id 'no_such_concept'"):
+    with pytest.raises(ValueError, match="b.json.*no_such_concept"):
         load_bundle_network(B / "models", B / "configs" / "concepts.yaml", adaptation=tmp_path / "b.json")
 
 
 def test_checkpoint_export_traces_the_network(tmp_path):
     from monai.bundle import ConfigParser, ckpt_export
 
-    B = REPO / "bundles" / "blood_cbm"
+    B = REPO / "bundles" / "cxr_cbm"
     parser = ConfigParser()
     parser.read_config(str(B / "configs" / "inference.yaml"))
     parser["bundle_root"] = str(B)
@@ -180,10 +185,10 @@ def test_checkpoint_export_traces_the_network(tmp_path):
         config_file=str(B / "configs" / "inference.yaml"),
         bundle_root=str(B),
         use_trace=True,
-        input_shape=[1, 3, 96, 96],
+        input_shape=[1, 3, 64, 64],
     )
     ts = torch.jit.load(str(tmp_path / "model.ts"))
-    x = torch.rand(2, 3, 96, 96)
+    x = torch.rand(2, 3, 64, 64)
     torch.testing.assert_close(ts(x), net(x))
 
 
@@ -198,8 +203,8 @@ def test_checkpoint_export_traces_the_network(tmp_path):
 def test_cli_bad_input_lists_fail_with_one_clear_line(tmp_path, config, args, message):
     import subprocess
 
-    (tmp_path / "bad.csv").write_text("path,label\na.png,neutrophil\n")
-    cmd = bundle_command("blood_cbm", config, "--output_dir", str(tmp_path / "out"))
+    (tmp_path / "bad.csv").write_text("path,label\na.png,normal\n")
+    cmd = bundle_command("cxr_cbm", config, "--output_dir", str(tmp_path / "out"))
     cmd += [a.format(tmp=tmp_path) for a in args]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
