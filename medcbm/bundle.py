@@ -45,6 +45,7 @@ __all__ = [
     "SourceReference",
     "LoadedBundle",
     "build_network",
+    "write_model_pt",
     "CBM_FILE",
     "REFERENCE_FILE",
     "BACKBONE_DIR",
@@ -513,3 +514,34 @@ def build_network(
     """The bundle's ``network_def``: the fitted network alone (for MONAI's ``verify_net_in_out`` and
     ``ckpt_export``); the jobs use :meth:`LoadedBundle.load`."""
     return LoadedBundle.load(bundle_root, models_dir, backbone, pretrained, adaptation).network
+
+
+def write_model_pt(
+    bundle_root: str | Path, models_dir: str | Path | None = None, concepts_file: str | Path | None = None
+) -> Path:
+    """Write ``models/model.pt``: the network's state dict (float16 floats, loadable with
+    ``torch.load(weights_only=True)``), the file MONAI's model-zoo checks and ``ckpt_export`` read.
+
+    The bundle's source of truth stays ``models/backbone`` + ``models/cbm.safetensors``; ``model.pt`` is
+    derived from them (``tests/test_zoo_conformance.py`` checks that they agree).
+    """
+    models = Path(models_dir) if models_dir else Path(bundle_root) / "models"
+    net = LoadedBundle.load(bundle_root, models_dir=models, concepts_file=concepts_file).network
+    state = {
+        k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous().clone()
+        for k, v in net.state_dict().items()
+    }
+    path = models / MODEL_PT
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+    return path
+
+
+if __name__ == "__main__":  # python -m medcbm.bundle write-model-pt bundles/<name> [MODELS]
+    import sys
+
+    if len(sys.argv) < 3 or sys.argv[1] != "write-model-pt":
+        print("usage: python -m medcbm.bundle write-model-pt BUNDLE_ROOT [MODELS_DIR]", file=sys.stderr)
+        sys.exit(2)
+    print(write_model_pt(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else None))

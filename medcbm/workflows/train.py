@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..backbones import LOCAL_DIR, load_backbone
-from ..bundle import REFERENCE_FILE, Preprocessing, SourceReference
+from ..bundle import REFERENCE_FILE, Preprocessing, SourceReference, write_model_pt
 from ..concepts import ConceptBank, load_concept_bank
 from ..data import InputListError, InputRecord, list_inputs
 from ..engine import FeatureExtractor
@@ -222,6 +222,7 @@ class TrainingRunner:
             self.output_dir, fitted, bk, preprocessing, text_embeddings=text_embeddings[keep], summary=summary
         )
         self._save_reference(fitted, bk, preprocessing, tr, va)
+        write_model_pt(self.output_dir.parent, self.output_dir, concepts_file=self.concepts_file)
         report = {
             **summary,
             "backbone": spec if not spec.startswith("local-dir:") else "bundle backbone (local-dir)",
