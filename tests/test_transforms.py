@@ -447,3 +447,101 @@ def test_pipeline_end_to_end(tmp_path: Path) -> None:
 
 def test_supported_suffixes_constant() -> None:
     assert SUPPORTED_SUFFIXES == (".dcm", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+# --------------------------------------------------------------------------------------------------
+# Resize modes, interpolation, open_clip config
+# --------------------------------------------------------------------------------------------------
+def test_resize_mode_longest_pads_to_square_keeping_the_whole_image() -> None:
+    img = torch.ones(1, 40, 20)  # portrait: the long side (rows) becomes 10, the short side 5
+    img[:, :, 0] = 0.5  # the left edge column stays in view
+    out = EncoderInput(10, [0.0], [1.0], resize_mode="longest")(img)
+    assert out.shape == (1, 10, 10)
+    assert torch.all(out[:, :, :2] == 0) and torch.all(out[:, :, 7:] == 0)  # (10 - 5) // 2 = 2 left, 3 right
+    assert torch.all(out[:, :, 3:6] > 0.9)
+    # landscape: padding rows, normalisation applied after padding (pad value is black, not the mean)
+    out = EncoderInput(8, [0.5], [0.5], resize_mode="longest")(torch.ones(1, 4, 8))
+    assert torch.all(out[:, :2] == -1.0) and torch.all(out[:, 6:] == -1.0) and torch.allclose(out[:, 2:6], torch.ones(1))
+
+
+def test_longest_padding_matches_open_clip() -> None:
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    arr = np.full((30, 50, 3), 255, np.uint8)
+    cfg = PreprocessCfg(size=16, resize_mode="longest", mean=(0.0,) * 3, std=(1.0,) * 3)
+    ref = image_transform_v2(cfg, is_train=False)(Image.fromarray(arr))
+    ours = EncoderInput(16, [0.0] * 3, [1.0] * 3, resize_mode="longest")(torch.ones(3, 30, 50))
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours == 0, ref == 0)  # same padded rows and columns
+    torch.testing.assert_close(ours, ref, atol=0.02, rtol=0)
+
+
+def test_resize_mode_squash_and_shortest_differ_as_documented() -> None:
+    img = torch.zeros(1, 20, 40)
+    img[:, :, :4] = 1.0  # a bar at the left edge
+    squash = EncoderInput(10, [0.0], [1.0], resize_mode="squash")(img)
+    shortest = EncoderInput(10, [0.0], [1.0])(img)
+    assert squash.shape == shortest.shape == (1, 10, 10)
+    assert squash[0, :, 0].min() > 0.9  # squash keeps the whole width
+    assert shortest[0, :, 0].max() < 0.05  # shortest crops the sides away
+
+
+def test_interpolation_choices() -> None:
+    g = torch.Generator().manual_seed(0)
+    img = torch.rand(1, 33, 47, generator=g)
+    outs = {m: EncoderInput(16, [0.0], [1.0], interpolation=m)(img) for m in ("bicubic", "bilinear", "nearest")}
+    assert not torch.allclose(outs["bicubic"], outs["bilinear"])
+    assert set(torch.unique(outs["nearest"]).tolist()) <= set(torch.unique(img).tolist())  # values are picked
+    with pytest.raises(ValueError, match="interpolation"):
+        EncoderInput(16, [0.0], [1.0], interpolation="lanczos")
+    with pytest.raises(ValueError, match="resize_mode"):
+        EncoderInput(16, [0.0], [1.0], resize_mode="crop")
+
+
+def test_fingerprint_covers_resize_mode_interpolation_and_reader_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = preprocessing_fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD)
+    assert base == preprocessing_fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD, resize_mode="shortest")
+    variants = {
+        preprocessing_fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD, resize_mode="longest"),
+        preprocessing_fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD, resize_mode="squash"),
+        preprocessing_fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD, interpolation="bilinear"),
+    }
+    assert base not in variants and len(variants) == 3
+    p = ClinicalImagePipeline("rgb", 224, CLIP_MEAN, CLIP_STD, resize_mode="longest", interpolation="bilinear")
+    assert p.fingerprint() == preprocessing_fingerprint(
+        "rgb", 224, CLIP_MEAN, CLIP_STD, resize_mode="longest", interpolation="bilinear"
+    )
+    import medcbm.transforms as tr
+
+    monkeypatch.setattr(tr, "READER_VERSION", tr.READER_VERSION + 1)
+    assert preprocessing_fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD) != base
+
+
+def test_pipeline_from_open_clip_config_and_to_dict(tmp_path: Path) -> None:
+    from dataclasses import asdict
+
+    from open_clip.transform import PreprocessCfg
+
+    cfg = asdict(PreprocessCfg(size=(32, 32), resize_mode="longest", interpolation="bilinear"))
+    p = ClinicalImagePipeline.from_config("grey", cfg)
+    d = p.to_dict()
+    assert d == {
+        "channel_mode": "grey",
+        "image_size": 32,
+        "mean": list(cfg["mean"]),
+        "std": list(cfg["std"]),
+        "resize_mode": "longest",
+        "interpolation": "bilinear",
+    }
+    same = ClinicalImagePipeline(
+        d["channel_mode"], d["image_size"], d["mean"], d["std"], resize_mode="longest", interpolation="bilinear"
+    )
+    assert same.fingerprint() == p.fingerprint()
+    assert ClinicalImagePipeline.from_config("rgb", {}).to_dict()["resize_mode"] == "shortest"  # open_clip defaults
+    f = tmp_path / "wide.png"
+    Image.fromarray(np.full((10, 40), 200, np.uint8)).save(f)
+    x = p(f)
+    assert x.shape == (3, 32, 32)
+    for bad in ({"size": (32, 48)}, {"colour": 1}, {"fill_color": 128}, {"mode": "L"}):
+        with pytest.raises(ValueError):
+            ClinicalImagePipeline.from_config("rgb", bad)
