@@ -91,11 +91,17 @@ def dist_rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def shard_indices(n: int, rank: int | None = None, world: int | None = None) -> list[int]:
-    """The record indices rank ``rank`` of ``world`` processes: ``rank, rank + world, ...``."""
+def shard_indices(n: int, rank: int | None = None, world: int | None = None, block: int = 1) -> list[int]:
+    """The record indices of rank ``rank`` of ``world`` processes, in blocks of ``block`` consecutive inputs
+    dealt round-robin (block ``j`` goes to rank ``j % world``).
+
+    With ``block`` equal to the batch size every batch holds the same images as in a single process, so
+    the encoder sees identical batches and the outputs are bit-identical to a one-process run.
+    """
     if rank is None or world is None:
         rank, world = dist_rank_world()
-    return list(range(rank, n, world))
+    block = max(1, int(block))
+    return [i for i in range(n) if (i // block) % world == rank]
 
 
 def _reason(exc: BaseException, image: str, path: str) -> str:

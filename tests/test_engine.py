@@ -251,6 +251,8 @@ def test_shards_cover_every_index_once():
     parts = [shard_indices(10, r, 3) for r in range(3)]
     assert sorted(i for p in parts for i in p) == list(range(10))
     assert parts[0] == [0, 3, 6, 9]
+    blocks = [shard_indices(10, r, 2, block=4) for r in range(2)]
+    assert blocks == [[0, 1, 2, 3, 8, 9], [4, 5, 6, 7]]
 
 
 def test_content_hash_refuses_non_regular_files(tmp_path):
@@ -266,3 +268,33 @@ def test_content_hash_refuses_non_regular_files(tmp_path):
     import hashlib
 
     assert content_sha256(img) == hashlib.sha256(img.read_bytes()).hexdigest()
+
+
+def test_torchrun_two_processes_write_what_one_process_writes(tmp_path):
+    """configs/multi_gpu_inference.yaml under torchrun (gloo on CPU): the same bytes as one process."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, bundle_command
+
+    from medcbm.data import make_sample_inputs
+
+    B = "bundles/cxr_cbm"
+    make_sample_inputs("cxr", tmp_path / "in")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDCBM_PROGRESS": "0"}
+    common = ["--workflow_type", "infer", "--batch_size", "1", "--num_workers", "0", "--input", str(tmp_path / "in")]
+    one = bundle_command("cxr_cbm", "inference.yaml", *common, "--output_dir", str(tmp_path / "one"))
+    subprocess.run(one, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    multi = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle", "run",
+        "--bundle_root", B,
+        "--config_file", f"['{B}/configs/inference.yaml','{B}/configs/multi_gpu_inference.yaml']",
+        "--meta_file", f"{B}/configs/metadata.json", *common, "--output_dir", str(tmp_path / "two"),
+    ]
+    proc = subprocess.run(multi, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a = _read(tmp_path / "one" / "predictions.csv")
+    b = _read(tmp_path / "two" / "predictions.csv")
+    assert len(a) >= 2 and a == b
+    journals = sorted(p.name for p in (tmp_path / "two" / ".medcbm").glob("journal.rank*.jsonl"))
+    assert journals == ["journal.rank0.jsonl", "journal.rank1.jsonl"], "both ranks must have computed a shard"

@@ -257,7 +257,7 @@ class InferenceRunner:
             progress=self.progress and rank == 0,
             desc="inference",
         )
-        mine = shard_indices(len(records), rank, world)
+        mine = shard_indices(len(records), rank, world, block=self.batch_size)
         try:
             for res in engine.iter_batches(records, mine, done):
                 for j, i in enumerate(res.ok):
