@@ -16,7 +16,7 @@ from medcbm.backbones import load_backbone  # noqa: E402
 from medcbm.concepts import load_concept_bank  # noqa: E402
 from medcbm.features import FeatureCache, default_cache_dir, extract_features  # noqa: E402
 from medcbm.pretrain import dataset_records, records_to_arrays  # noqa: E402
-from medcbm.transforms import ClinicalImagePipeline  # noqa: E402
+from medcbm.bundle import Preprocessing  # noqa: E402
 
 BUNDLES = {
     "blood_cbm": {"dataset": "pbc_wbcatt", "dataset_args": {"include_extra": True}, "channel_mode": "rgb"},
@@ -30,7 +30,8 @@ def bundle_split_features(bundle: str, backbone: str | None = None, cache_dir: s
     spec = BUNDLES[bundle]
     bank = load_concept_bank(REPO / "bundles" / bundle / "configs" / "concepts.yaml")
     bk = load_backbone(backbone or f"local-dir:{REPO / 'bundles' / bundle / 'models' / 'backbone'}")
-    pipe = ClinicalImagePipeline(spec["channel_mode"], bk.image_size, bk.mean, bk.std)
+    # the backbone's own preprocessing config (size, normalisation, resize mode), as the bundle uses it
+    pipe = Preprocessing.from_backbone(bk, spec["channel_mode"]).pipeline()
     cache = FeatureCache(cache_dir or default_cache_dir(), bk.fingerprint, pipe.fingerprint())
     records = dataset_records(spec["dataset"], **spec["dataset_args"])
     out = {"bank": bank, "backbone": bk, "splits": {}}
