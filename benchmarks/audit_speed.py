@@ -22,7 +22,7 @@ from pathlib import Path
 from common import BUNDLES, REPO
 
 
-def one(bundle: str, n: int, threads: int, cards: int) -> dict:
+def one(bundle: str, n: int, threads: int, cards: int, concepts_file: str | None = None) -> dict:
     import torch
 
     from medcbm.bundle import LoadedBundle
@@ -34,7 +34,7 @@ def one(bundle: str, n: int, threads: int, cards: int) -> dict:
     spec = BUNDLES[bundle]
     recs = [r for r in dataset_records(spec["dataset"], **spec["dataset_args"]) if r["split"] == "test"][:n]
     t0 = time.perf_counter()
-    b = LoadedBundle.load(REPO / "bundles" / bundle)
+    b = LoadedBundle.load(REPO / "bundles" / bundle, concepts_file=concepts_file)
     load_s = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         csv_path = Path(tmp) / "in.csv"
@@ -60,22 +60,27 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cards", type=int, default=24)
+    ap.add_argument("--concepts-file", default=None, help="concept bank to load the bundle with (default its own)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(one(args.bundle[0], args.n, args.threads, args.cards)))
+        print(json.dumps(one(args.bundle[0], args.n, args.threads, args.cards, args.concepts_file)))
         return
     out = {"n": args.n, "threads": args.threads, "cards": args.cards, "bundles": {}}
     for b in args.bundle:
         cmd = [sys.executable, __file__, "--child", "--bundle", b, "--n", str(args.n), "--threads", str(args.threads),
-               "--cards", str(args.cards)]
+               "--cards", str(args.cards)] + (["--concepts-file", args.concepts_file] if args.concepts_file else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             out["bundles"][b] = {"error": (p.stderr.strip().splitlines() or ["failed"])[-1]}
         else:
             out["bundles"][b] = json.loads(p.stdout.strip().splitlines()[-1])
         print(json.dumps(out["bundles"][b]))
-    (REPO / "benchmarks" / "results" / "audit_speed.json").write_text(json.dumps(out, indent=2) + "\n")
+    path = REPO / "benchmarks" / "results" / "audit_speed.json"
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    if old.get("n") == out["n"] and old.get("cards") == out["cards"]:  # keep other bundles' earlier results
+        out["bundles"] = {**old.get("bundles", {}), **out["bundles"]}
+    path.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":
