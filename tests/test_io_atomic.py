@@ -63,7 +63,7 @@ def test_replace_goes_through_a_synced_temp_in_the_same_folder(tmp_path: Path, m
     monkeypatch.setattr(atomic.os, "fsync", spy_fsync)
     atomic_write_bytes(target, b"\x00payload")
     assert target.read_bytes() == b"\x00payload"
-    (src, dst), = seen
+    ((src, dst),) = seen
     assert Path(src).parent == tmp_path and dst == str(target) and synced
 
 

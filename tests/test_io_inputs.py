@@ -116,3 +116,26 @@ def test_fifo_csv_is_refused_without_blocking(tmp_path: Path) -> None:
     assert not t.is_alive(), "listing a FIFO CSV blocked"
     err = box["e"]
     assert isinstance(err, InputListError) and err.path == str(fifo) and "not a regular file" in err.reason
+
+
+@needs_fifo
+def test_regular_file_sha256_never_opens_special_files(tmp_path: Path) -> None:
+    import hashlib
+
+    from medcbm.io.files import regular_file_sha256
+
+    f = _png(tmp_path / "a.png")
+    assert regular_file_sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+    os.mkfifo(tmp_path / "p.png")
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            regular_file_sha256(tmp_path / "p.png")
+        except ImageReadError as e:
+            box["e"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(20)
+    assert not t.is_alive() and "named pipe" in box["e"].reason  # type: ignore[union-attr]

@@ -461,7 +461,9 @@ def test_resize_mode_longest_pads_to_square_keeping_the_whole_image() -> None:
     assert torch.all(out[:, :, 3:6] > 0.9)
     # landscape: padding rows, normalisation applied after padding (pad value is black, not the mean)
     out = EncoderInput(8, [0.5], [0.5], resize_mode="longest")(torch.ones(1, 4, 8))
-    assert torch.all(out[:, :2] == -1.0) and torch.all(out[:, 6:] == -1.0) and torch.allclose(out[:, 2:6], torch.ones(1))
+    assert (
+        torch.all(out[:, :2] == -1.0) and torch.all(out[:, 6:] == -1.0) and torch.allclose(out[:, 2:6], torch.ones(1))
+    )
 
 
 def test_longest_padding_matches_open_clip() -> None:

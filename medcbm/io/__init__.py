@@ -2,7 +2,8 @@
 """Files in and out: image readers (MONAI ``ImageReader`` s), input listing, atomic writes, samples.
 
 * :mod:`medcbm.io.readers`: :class:`ClinicalDicomReader`, :class:`ClinicalNiftiReader`,
-  :class:`ClinicalPILReader`, :func:`read_image`, the pixel budget (override ``medcbm.io.readers.MAX_IMAGE_SIDE``/``MAX_IMAGE_PIXELS``).
+  :class:`ClinicalPILReader`, :func:`read_image`, the pixel budget (override
+  ``medcbm.io.readers.MAX_IMAGE_SIDE`` / ``MAX_IMAGE_PIXELS``).
 * :mod:`medcbm.io.files`: supported suffixes; regular-file checks that never block.
 * :mod:`medcbm.io.inputs`: :func:`list_inputs` -> :class:`InputRecord` rows.
 * :mod:`medcbm.io.atomic`: :func:`atomic_write_bytes`, :func:`atomic_write_text`, :func:`atomic_write_json`.

@@ -10,6 +10,7 @@ file swapped for a FIFO in between cannot block either.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 from pathlib import Path
@@ -23,6 +24,7 @@ __all__ = [
     "unsupported_suffix_reason",
     "check_image_file",
     "open_regular_file",
+    "regular_file_sha256",
 ]
 
 SUPPORTED_SUFFIXES = (".dcm", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -137,3 +139,29 @@ def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def regular_file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """sha256 (hex) of a regular file's bytes, checked and opened as :func:`check_image_file` and
+    :func:`open_regular_file` do (a FIFO is never opened; the suffix is not checked).
+
+    Args:
+        path: the file.
+        chunk: read size in bytes.
+
+    Returns:
+        64 hexadecimal characters.
+
+    Raises:
+        ImageReadError: a missing file, a folder, a non-regular file, a broken link or a link loop,
+            an empty file, or a read error.
+    """
+    check_image_file(path, check_suffix=False)
+    h = hashlib.sha256()
+    with open_regular_file(path) as fh:
+        try:
+            for block in iter(lambda: fh.read(chunk), b""):
+                h.update(block)
+        except OSError as e:
+            raise ImageReadError(os.fspath(path), f"cannot read file ({e.strerror or type(e).__name__})") from None
+    return h.hexdigest()

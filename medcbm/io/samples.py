@@ -186,7 +186,17 @@ def write_synthetic_dicom(
         ValueError: for an unsupported photometric interpretation, shape, bit depth or value range.
     """
     data = _dicom_bytes(
-        array, photometric, bits, window, signed, rescale, patient_name, patient_id, modality, extra, presentation_lut_shape
+        array,
+        photometric,
+        bits,
+        window,
+        signed,
+        rescale,
+        patient_name,
+        patient_id,
+        modality,
+        extra,
+        presentation_lut_shape,
     )
     return atomic_write_bytes(path, data)
 
