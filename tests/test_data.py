@@ -215,3 +215,41 @@ def test_write_synthetic_dicom_validates_and_is_deterministic(tmp_path: Path) ->
         write_synthetic_dicom(tmp_path / "e.dcm", arr, photometric="PALETTE COLOR")
     with pytest.raises(ValueError):
         write_synthetic_dicom(tmp_path / "f.dcm", arr, photometric="RGB", bits=8)
+
+
+def test_compatibility_exports_stay() -> None:
+    """Other modules import these names from medcbm.data and medcbm.transforms; the code moved to medcbm.io."""
+    import medcbm.data as data
+    import medcbm.io.inputs as inputs
+    import medcbm.io.samples as samples
+    import medcbm.transforms as transforms
+
+    for name in (
+        "InputRecord",
+        "InputListError",
+        "SAMPLE_MODALITIES",
+        "list_inputs",
+        "make_sample_inputs",
+        "write_synthetic_dicom",
+        "is_sample_path",
+    ):
+        assert name in data.__all__ and hasattr(data, name), name
+    assert data.list_inputs is inputs.list_inputs and data.make_sample_inputs is samples.make_sample_inputs
+    for name in (
+        "SUPPORTED_SUFFIXES",
+        "CHANNEL_MODES",
+        "FileReasonError",
+        "ImageReadError",
+        "supported_suffix",
+        "read_image",
+        "LoadClinicalImage",
+        "LoadClinicalImaged",
+        "ToModalityChannels",
+        "ToModalityChannelsd",
+        "EncoderInput",
+        "EncoderInputd",
+        "preprocessing_fingerprint",
+        "ClinicalImagePipeline",
+    ):
+        assert name in transforms.__all__ and hasattr(transforms, name), name
+    assert issubclass(data.InputListError, transforms.FileReasonError)
