@@ -1,18 +1,30 @@
 # Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
-"""Inference throughput and memory of each bundle on real images (CPU), through the bundle runner's code path.
+"""Inference throughput and memory of the prediction engine on real images (CPU). Prints JSON.
 
-    python benchmarks/inference_speed.py [--bundle blood_cbm cxr_cbm derm_cbm] [--n 64] [--threads 2]
+    python benchmarks/inference_speed.py [--bundle blood_cbm] [--threads 2] [--out benchmarks/results/inference_speed.json]
 
-For each bundle: network load time, images per second for ``InferenceRunner`` on ``n`` held-out images
-(reading, preprocessing, encoder, concepts, head, CSV writing), and the process's peak resident memory.
-Prints JSON.
+Measured, per bundle, on held-out real images (``../shared/data``):
+
+- ``model_overhead``: the engine's model step (encoder, concept grounding, edit, head, contributions) against a
+  bare loop calling open_clip's ``encode_image`` on the same preprocessed batches (goal: overhead <= 3 %);
+- ``pipeline_ratio``: the full bundle job (``InferenceRunner``: hashing, DataLoader reading and preprocessing,
+  model, journal, ordered ``predictions.csv``) against a minimal decode + preprocess + encode loop over the same
+  files (goal: >= 0.95 of it);
+- ``scaling`` (blood only, ``--scale``): marginal throughput at 10,000 inputs against 1,000 (goal >= 0.95) and
+  peak RSS growth from 1,000 to 10,000 inputs (goal <= 64 MB), each size in a fresh process;
+- ``torchrun`` (``--torchrun``): one process against two under ``torchrun`` on CPU (gloo), same inputs.
+Inputs beyond the staged images are symbolic links to them under distinct names (content and decode cost stay real).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import os
 import resource
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,48 +33,216 @@ import torch
 
 from common import BUNDLES, REPO
 
+from medcbm.bundle import LoadedBundle
+from medcbm.data import list_inputs
 from medcbm.pretrain import dataset_records
-from medcbm.workflows import InferenceRunner, load_bundle_network
+
+SIZES = (1000, 10000)
+
+
+def _images(bundle: str, split: str = "test") -> list[str]:
+    spec = BUNDLES[bundle]
+    recs = dataset_records(spec["dataset"], **spec["dataset_args"])
+    return [r["image"] for r in recs if r["split"] == split]
+
+
+def _link_inputs(images: list[str], n: int, folder: Path) -> Path:
+    """A CSV of ``n`` distinct paths cycling over ``images`` (symbolic links)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        src = Path(images[i % len(images)])
+        dst = folder / f"{i:06d}{src.suffix}"
+        if not dst.exists():
+            os.symlink(src, dst)
+        rows.append(str(dst))
+    csv_path = folder / "inputs.csv"
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image"])
+        w.writerows([r] for r in rows)
+    return csv_path
+
+
+def _best(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+@torch.no_grad()
+def model_overhead(bundle: LoadedBundle, images: list[str], batch_size: int, repeats: int) -> dict:
+    pipe = bundle.preprocessing.pipeline()
+    x = torch.stack([pipe(p) for p in images])
+    batches = list(torch.split(x, batch_size))
+    visual = bundle.backbone.model
+    net = bundle.network
+
+    def bare():
+        for b in batches:
+            visual.encode_image(b)
+
+    def engine_model():
+        for b in batches:
+            s = net.concept_scores(b)
+            logits = net.head(s)
+            torch.softmax(logits, 1)
+            net.contributions_from_scores(s)
+
+    bare(), engine_model()  # warm-up
+    t_bare, t_engine = _best(bare, repeats), _best(engine_model, repeats)
+    return {
+        "images": len(images),
+        "bare_encode_image_img_per_s": round(len(images) / t_bare, 1),
+        "engine_model_img_per_s": round(len(images) / t_engine, 1),
+        "overhead_percent": round(100 * (t_engine / t_bare - 1), 2),
+    }
+
+
+def _run_job(bundle_name: str, inp: Path, out: Path, batch_size: int, workers: int) -> dict:
+    """One bundle inference job in a fresh process; returns its JSON line (time, rows, peak RSS)."""
+    code = f"""
+import json, resource, sys, time, torch
+sys.path.insert(0, {str(REPO)!r})
+torch.set_num_threads(int({os.environ.get('BENCH_THREADS', '2')!r}))
+from medcbm.bundle import LoadedBundle
+from medcbm.workflows import InferenceRunner
+b = LoadedBundle.load({str(REPO / 'bundles' / bundle_name)!r})
+rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t0 = time.perf_counter()
+r = InferenceRunner(output_dir={str(out)!r}, input={str(inp)!r}, bundle=b, batch_size={batch_size},
+                    num_workers={workers}, progress=False, exit_on_error=False)
+n_err = r.run()
+dt = time.perf_counter() - t0
+print(json.dumps({{"seconds": dt, "rows": r.summary["rows"], "errors": n_err,
+                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                   "rss_after_load_mb": rss0 / 1024}}))
+"""
+    env = {**os.environ, "MEDCBM_PROGRESS": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def pipeline_ratio(bundle_name: str, bundle: LoadedBundle, images: list[str], tmp: Path, batch_size: int, workers: int) -> dict:
+    inp = _link_inputs(images, len(images), tmp / "pipe_in")
+    pipe = bundle.preprocessing.pipeline()
+    encoder = bundle.network.encoder
+
+    @torch.no_grad()
+    def minimal():
+        batch = []
+        for p in images:
+            batch.append(pipe(p))
+            if len(batch) == batch_size:
+                encoder(torch.stack(batch))
+                batch = []
+        if batch:
+            encoder(torch.stack(batch))
+
+    minimal()
+    t_min = _best(minimal, 2)
+    job = min((_run_job(bundle_name, inp, tmp / f"pipe_out{i}", batch_size, workers) for i in range(2)), key=lambda d: d["seconds"])
+    return {
+        "images": len(images),
+        "minimal_loop_img_per_s": round(len(images) / t_min, 1),
+        "bundle_job_img_per_s": round(job["rows"] / job["seconds"], 1),
+        "ratio": round((job["rows"] / job["seconds"]) / (len(images) / t_min), 3),
+        "num_workers": workers,
+    }
+
+
+def scaling(bundle_name: str, images: list[str], tmp: Path, batch_size: int, workers: int) -> dict:
+    res = {}
+    for n in SIZES:
+        inp = _link_inputs(images, n, tmp / f"scale_in_{n}")
+        res[n] = _run_job(bundle_name, inp, tmp / f"scale_out_{n}", batch_size, workers)
+    small, big = res[SIZES[0]], res[SIZES[1]]
+    marginal_big = (big["rows"] - small["rows"]) / max(big["seconds"] - small["seconds"], 1e-9)
+    rate_small = small["rows"] / small["seconds"]
+    return {
+        "img_per_s": {str(n): round(r["rows"] / r["seconds"], 1) for n, r in res.items()},
+        "marginal_img_per_s_1k_to_10k": round(marginal_big, 1),
+        "marginal_ratio": round(marginal_big / rate_small, 3),
+        "peak_rss_mb": {str(n): round(r["peak_rss_mb"], 1) for n, r in res.items()},
+        "peak_rss_growth_mb": round(big["peak_rss_mb"] - small["peak_rss_mb"], 1),
+    }
+
+
+def torchrun_compare(bundle_name: str, images: list[str], tmp: Path, batch_size: int) -> dict:
+    inp = _link_inputs(images, len(images), tmp / "tr_in")
+    B = f"bundles/{bundle_name}"
+    out = {}
+    for n in (1, 2):
+        target = tmp / f"tr_out_{n}"
+        args = [
+            "--bundle_root", B, "--meta_file", f"{B}/configs/metadata.json", "--workflow_type", "infer",
+            "--input", str(inp), "--output_dir", str(target), "--batch_size", str(batch_size), "--num_workers", "0",
+        ]
+        if n == 1:
+            cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"{B}/configs/inference.yaml", *args]
+        else:
+            cmd = [
+                sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle", "run",
+                "--config_file", f"['{B}/configs/inference.yaml','{B}/configs/multi_gpu_inference.yaml']", *args,
+            ]
+        env = {**os.environ, "MEDCBM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+        t0 = time.perf_counter()
+        subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
+        out[n] = time.perf_counter() - t0
+    same = (tmp / "tr_out_1" / "predictions.csv").read_bytes() == (tmp / "tr_out_2" / "predictions.csv").read_bytes()
+    return {
+        "images": len(images),
+        "seconds_1_process": round(out[1], 1),
+        "seconds_2_processes": round(out[2], 1),
+        "speedup": round(out[1] / out[2], 2),
+        "identical_predictions_csv": same,
+        "note": "wall time of the whole command, process start and model load included; one thread per process",
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bundle", nargs="+", default=list(BUNDLES))
-    ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--scale", action="store_true", help="1,000 vs 10,000 inputs (blood_cbm)")
+    ap.add_argument("--torchrun", action="store_true", help="1 vs 2 processes under torchrun (blood_cbm)")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    out = {"threads": args.threads, "batch_size": args.batch_size, "bundles": {}}
-    for bundle in args.bundle:
-        spec = BUNDLES[bundle]
-        recs = [r for r in dataset_records(spec["dataset"], **spec["dataset_args"]) if r["split"] == "test"][: args.n]
-        root = REPO / "bundles" / bundle
-        t0 = time.perf_counter()
-        net = load_bundle_network(
-            root / "models", root / "configs" / "concepts.yaml", channel_mode=spec["channel_mode"]
-        )
-        load_s = time.perf_counter() - t0
-        with tempfile.TemporaryDirectory() as tmp:
-            csv_path = Path(tmp) / "input.csv"
-            csv_path.write_text("image\n" + "\n".join(r["image"] for r in recs) + "\n")
-            runner = InferenceRunner(
-                net, Path(tmp) / "out", input=csv_path, batch_size=args.batch_size, exit_on_error=False
-            )
+    os.environ["BENCH_THREADS"] = str(args.threads)
+    result: dict = {
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "bundles": {},
+    }
+    with tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        for name in args.bundle:
+            images = _images(name)
             t0 = time.perf_counter()
-            errors = runner.run()
-            run_s = time.perf_counter() - t0
-        out["bundles"][bundle] = {
-            "images": len(recs),
-            "errors": errors,
-            "network_load_seconds": round(load_s, 3),
-            "seconds": round(run_s, 3),
-            "images_per_second": round(len(recs) / run_s, 1),
-            "input_size": net.pipeline.encoder_input.image_size,
-            "parameters": sum(p.numel() for p in net.parameters()),
-        }
-    out["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-    print(json.dumps(out, indent=2))
+            bundle = LoadedBundle.load(REPO / "bundles" / name)
+            entry = {"load_seconds": round(time.perf_counter() - t0, 2), "input_size": bundle.preprocessing.image_size}
+            entry["model_overhead"] = model_overhead(bundle, images, args.batch_size, args.repeats)
+            entry["pipeline_ratio"] = pipeline_ratio(name, bundle, images, tmp / name, args.batch_size, args.workers)
+            result["bundles"][name] = entry
+            print(json.dumps({name: entry}), file=sys.stderr)
+        if args.scale:
+            result["scaling_blood_cbm"] = scaling("blood_cbm", _images("blood_cbm", "train"), tmp, args.batch_size, args.workers)
+        if args.torchrun:
+            result["torchrun_blood_cbm"] = torchrun_compare("blood_cbm", _images("blood_cbm", "test"), tmp, args.batch_size)
+    result["peak_rss_mb_this_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
 
 
 if __name__ == "__main__":

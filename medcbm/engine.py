@@ -13,10 +13,8 @@ caller shards the record indices with :func:`shard_indices` (rank ``r`` of ``w``
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import stat
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,6 +28,8 @@ from monai.data import DataLoader, Dataset
 from .bundle import LoadedBundle
 from .data import InputRecord
 from .features import ExtractionResult, FeatureCache
+from .io.errors import FileReasonError
+from .io.files import regular_file_sha256
 
 __all__ = [
     "FeatureExtractor",
@@ -38,50 +38,14 @@ __all__ = [
     "shard_indices",
     "dist_rank_world",
     "content_sha256",
-    "NotARegularFileError",
 ]
 
 logger = logging.getLogger(__name__)
 
 
-class NotARegularFileError(ValueError):
-    """An input path that is not a regular file (folder, FIFO, device, socket) or a broken link."""
-
-
-def content_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """sha256 of a regular file's bytes; anything else raises :class:`NotARegularFileError` naming the path.
-
-    ``stat`` comes first, so a FIFO or a device is never opened (opening a FIFO blocks forever).
-    """
-    p = os.fspath(path)
-    try:
-        st = os.stat(p)
-    except FileNotFoundError:
-        if os.path.islink(p):
-            raise NotARegularFileError(f"{p}: broken symbolic link (its target does not exist)") from None
-        raise NotARegularFileError(f"{p}: file not found") from None
-    except OSError as e:  # ELOOP and friends
-        if e.errno == 40:
-            raise NotARegularFileError(f"{p}: symbolic link loop") from None
-        raise NotARegularFileError(f"{p}: cannot read file ({e.strerror or e})") from None
-    if stat.S_ISDIR(st.st_mode):
-        raise NotARegularFileError(f"{p}: is a folder, not an image file")
-    if not stat.S_ISREG(st.st_mode):
-        kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(
-            st.st_mode
-        ) else "socket" if stat.S_ISSOCK(st.st_mode) else "special file"
-        raise NotARegularFileError(f"{p}: is a {kind}, not a regular image file")
-    h = hashlib.sha256()
-    try:
-        with open(p, "rb") as f:
-            while True:
-                block = f.read(chunk)
-                if not block:
-                    break
-                h.update(block)
-    except OSError as e:
-        raise NotARegularFileError(f"{p}: cannot read file ({e.strerror or e})") from None
-    return h.hexdigest()
+#: sha256 of a regular file's bytes; a folder, FIFO, device, broken link or link loop raises
+#: :class:`~medcbm.io.errors.ImageReadError` naming the path, from ``stat`` alone (a FIFO is never opened).
+content_sha256 = regular_file_sha256
 
 
 def dist_rank_world() -> tuple[int, int]:
@@ -128,7 +92,7 @@ class _ReadForEncoder:
         image, path = item["image"], item["path"]
         try:
             sha = content_sha256(path)
-        except NotARegularFileError as e:
+        except FileReasonError as e:
             out["error"] = _reason(e, image, path)
             return out
         out["sha256"] = sha
