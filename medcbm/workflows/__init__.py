@@ -7,11 +7,13 @@ Each job loads the bundle with :class:`medcbm.bundle.LoadedBundle` and runs its 
 
 from __future__ import annotations
 
+from .adapt import AdaptationRunner
 from .infer import InferenceRunner, format_top_concepts, prediction_columns, top_concepts
 from .loading import load_bundle_network, save_bundle_network
 from .train import TrainingRunner, run_training
 
 __all__ = [
+    "AdaptationRunner",
     "InferenceRunner",
     "TrainingRunner",
     "run_training",
