@@ -310,3 +310,10 @@ def test_links_and_folders_get_clear_reasons(tmp_path: Path) -> None:
         assert (ei.value.path, ei.value.reason) == (str(path), reason)
     with pytest.raises(ImageReadError, match="unsupported file type '.txt'"):
         read_image(tmp_path / "notes.txt")
+
+
+def test_invalid_window_falls_back_to_the_stored_range(tmp_path: Path) -> None:
+    data = np.full((4, 6), 1000.0)
+    data[0, 0] = 3000.0
+    f = write_synthetic_dicom(tmp_path / "w0.dcm", data, bits=12, window=(2000, 0))  # width < 1 is invalid
+    np.testing.assert_allclose(read_image(f)[..., 0], data / 4095.0, atol=1e-7)

@@ -459,8 +459,6 @@ def _dicom_grey(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
 
     stored_lo, stored_hi = _stored_range(ds, arr)
     values = apply_modality_lut(arr, ds)
-    if np.asarray(values).dtype.kind == "f" and arr.dtype.kind == "f":
-        raise ValueError("float pixel data has no defined display range")
     has_lut = bool(ds.get("VOILUTSequence"))
     has_window = "WindowCenter" in ds and "WindowWidth" in ds
     out: np.ndarray | None = None
@@ -474,6 +472,8 @@ def _dicom_grey(arr: np.ndarray, ds: Any, photometric: str) -> np.ndarray:
         except Exception:  # invalid window (e.g. width < 1), malformed LUT: ignore the VOI step
             out = None
     if out is None:
+        if arr.dtype.kind == "f":  # Float/DoubleFloatPixelData: no bit depth to map
+            raise ValueError("float pixel data without a VOI window has no defined display range")
         if not stored_hi > stored_lo:
             raise ValueError("invalid stored bit depth or rescale")
         out = (np.asarray(values, dtype=np.float64) - stored_lo) / (stored_hi - stored_lo)
