@@ -75,3 +75,21 @@ def test_permissions_of_an_existing_file_are_kept(tmp_path: Path) -> None:
     assert target.read_text() == "new" and stat.S_IMODE(target.stat().st_mode) == 0o640
     fresh = atomic_write_text(tmp_path / "fresh.txt", "x")  # a new file gets the umask mode, not mkstemp's 0600
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~atomic._UMASK
+
+
+def test_atomic_open_streams_and_commits_only_on_success(tmp_path: Path) -> None:
+    import csv
+
+    from medcbm.io.atomic import atomic_open
+
+    target = tmp_path / "rows.csv"
+    with atomic_open(target, newline="") as fh:
+        csv.writer(fh).writerows([["image", "label"], ["a.png", "x"]])
+        assert not target.exists()  # nothing visible until the block ends
+    assert target.read_bytes() == b"image,label\r\na.png,x\r\n"
+    with pytest.raises(KeyError):
+        with atomic_open(target) as fh:
+            fh.write("partial")
+            raise KeyError("interrupted")
+    assert target.read_bytes() == b"image,label\r\na.png,x\r\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.csv"]

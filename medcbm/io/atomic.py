@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "atomic_write_json", "JSON_INDENT"]
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "JSON_INDENT"]
 
 # The MONAI model-zoo's pretty-format hook expects 4-space JSON.
 JSON_INDENT = 4
@@ -48,25 +50,37 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (parent folders are created).
+@contextmanager
+def atomic_open(
+    path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8", newline: str | None = None
+) -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path`` for streaming; it replaces ``path`` when the block ends.
+
+    On an exception inside the block the temporary file is removed and ``path`` is left untouched.
 
     Args:
-        path: the target file.
-        data: the complete new content.
+        path: the target file (parent folders are created).
+        mode: ``"w"`` (text) or ``"wb"`` (binary).
+        encoding: text encoding (ignored for ``"wb"``).
+        newline: as for :func:`open` (``""`` for the ``csv`` module).
 
-    Returns:
-        ``Path(path)``.
+    .. code-block:: python
 
-    Raises:
-        OSError: the folder is not writable, the disk is full, ... (the target is then unchanged).
+        with atomic_open("out/predictions.csv", newline="") as fh:
+            csv.writer(fh).writerows(rows)
     """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', got {mode!r}")
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+        if mode == "wb":
+            fh: IO[Any] = os.fdopen(fd, "wb")
+        else:
+            fh = os.fdopen(fd, "w", encoding=encoding, newline=newline)
+        with fh:
+            yield fh
             fh.flush()
             os.fsync(fh.fileno())
         if target.exists():  # keep the permissions of the file being replaced
@@ -84,7 +98,24 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             pass
         raise
     _fsync_dir(target.parent)
-    return target
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (parent folders are created).
+
+    Args:
+        path: the target file.
+        data: the complete new content.
+
+    Returns:
+        ``Path(path)``.
+
+    Raises:
+        OSError: the folder is not writable, the disk is full, ... (the target is then unchanged).
+    """
+    with atomic_open(path, "wb") as fh:
+        fh.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "utf-8") -> Path:
