@@ -225,3 +225,12 @@ def test_bundle_offline_hub_backbone_is_one_line(tmp_path):
     last = _last_line(proc)
     assert last.startswith("medcbm: backbone whyxrayclip") and "local-dir:" in last and "download_large_files" in last
     assert "Traceback" not in proc.stderr and "Retrying" not in proc.stderr
+
+
+def test_bundle_missing_models_dir_is_one_line(tmp_path):
+    missing = tmp_path / "no_models_here"
+    proc = _run(*bundle_command("blood_cbm", "inference.yaml", "--workflow_type", "infer", "--models_dir", str(missing),
+                                "--output_dir", str(tmp_path / "out")))  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert _last_line(proc).startswith("medcbm: ") and str(missing) in _last_line(proc)
+    assert "Traceback" not in proc.stderr
