@@ -76,21 +76,26 @@ def test_infer_properties_and_net_in_out(bundle):
 
 
 @pytest.mark.parametrize("bundle", list(BUNDLES))
-def test_default_run_on_generated_samples(bundle, tmp_path):
+def test_default_run_on_the_shipped_examples(bundle, tmp_path):
     rows = _run_infer(bundle, output_dir=str(tmp_path / "out"))
-    assert rows and all(r["status"] == "ok" for r in rows)
+    with open(REPO / "bundles" / bundle / "examples" / "examples.csv", newline="") as f:
+        examples = list(csv.DictReader(f))
+    assert [r["image"] for r in rows] == [e["image"] for e in examples]
+    assert all(r["status"] == "ok" for r in rows)
     assert all(r["sample"] == "true" for r in rows)
+    assert [r["label"] for r in rows] == [e["label"] for e in examples]  # marked with their known class
     for r in rows:
         probs = [float(r[f"prob_{c}"]) for c in BUNDLES[bundle]]
         assert abs(sum(probs) - 1) < 1e-4 and r["prediction"] in BUNDLES[bundle]
         assert float(r["probability"]) == pytest.approx(max(probs), abs=1e-6)
         concept_cols = [k for k in r if k.startswith("concept_")]
         assert concept_cols and all(0.0 <= float(r[k]) <= 1.0 for k in concept_cols)  # probe probabilities
-        assert {p.split("=")[0] for p in r["top_concepts"].split(";")} <= {k[len("concept_") :] for k in concept_cols}
-        pairs = r["top_concepts"].split(";")
-        assert 1 <= len(pairs) <= 5
+        pairs = [p for p in r["top_concepts"].split(";") if p]
+        assert len(pairs) <= 5
+        names = {p.split("=")[0].removeprefix("not ") for p in pairs}
+        assert names <= {k[len("concept_") :] for k in concept_cols}
         values = [float(p.split("=")[1]) for p in pairs]
-        assert values == sorted(values, reverse=True)
+        assert values == sorted(values, reverse=True) and all(v > 0 for v in values)
 
 
 @needs_data
@@ -135,21 +140,22 @@ def test_real_images_with_synthetic_dicom_nifti_and_bad_inputs(bundle, tmp_path)
 
 
 def test_rerun_resumes_and_keeps_finished_rows(tmp_path):
+    import json
+
     out = tmp_path / "out"
-    first = _run_infer("blood_cbm", output_dir=str(out))
-    # simulate an interrupted run: drop the last row, tamper with a kept one to see it is not recomputed
-    rows = first[:-1]
-    rows[0]["probability"] = "0.123456"
-    with open(out / "predictions.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(first[0]))
-        w.writeheader()
-        w.writerows(rows)
-    second = _run_infer("blood_cbm", output_dir=str(out))
-    assert len(second) == len(first)
-    assert second[0]["probability"] == "0.123456"  # kept, not recomputed
-    # the missing row was computed (batch composition may move the 6th decimal)
-    assert second[-1]["status"] == "ok" and second[-1]["prediction"] == first[-1]["prediction"]
-    assert float(second[-1]["probability"]) == pytest.approx(float(first[-1]["probability"]), abs=1e-5)
+    first = _run_infer("cxr_cbm", output_dir=str(out))
+    # simulate an interrupted run: the journal lost its last row and predictions.csv was never assembled
+    journal = out / ".medcbm" / "journal.rank0.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    kept = json.loads(lines[0])
+    kept["row"]["probability"] = "0.123456"  # tampered: a kept row is not recomputed
+    journal.write_text(json.dumps(kept) + "\n" + "".join(lines[1:-1]) + lines[-1][: len(lines[-1]) // 2])
+    (out / "predictions.csv").unlink()
+    second = _run_infer("cxr_cbm", output_dir=str(out))
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert len(second) == len(first) and summary["throughput"]["encoded"] == 1
+    assert second[0]["probability"] == "0.123456"
+    assert second[-1] == first[-1]
 
 
 @needs_data
@@ -208,18 +214,21 @@ def test_train_workflow_refits_from_csv(tmp_path):
 
 def test_backbone_override_falls_back_to_zero_shot(tmp_path, tiny_backbone_spec):
     """Another backbone makes the stored fit stale: text grounding + prior head, same concepts and classes."""
+    from medcbm.bundle import LoadedBundle
+
     wf = _workflow("cxr_cbm", output_dir=str(tmp_path / "out"), backbone=tiny_backbone_spec)
     net = wf.network_def
-    assert net.model_info["fit"] == "zero-shot prior head"
-    assert net.targets == BUNDLES["cxr_cbm"]
+    bundle = LoadedBundle.load(REPO / "bundles" / "cxr_cbm", backbone=tiny_backbone_spec)
+    assert bundle.info["fit"] == "zero-shot prior head" and bundle.reference is None
+    assert net.targets == BUNDLES["cxr_cbm"] == bundle.class_names
     with torch.no_grad():
         assert net(torch.rand(1, 3, 32, 32)).shape == (1, 2)
 
 
 def test_concept_columns_can_be_switched_off_and_a_rerun_then_recomputes(tmp_path):
     out = tmp_path / "out"
-    with_cols = _run_infer("blood_cbm", output_dir=str(out))
-    without = _run_infer("blood_cbm", output_dir=str(out), concept_columns=False)
+    with_cols = _run_infer("cxr_cbm", output_dir=str(out))
+    without = _run_infer("cxr_cbm", output_dir=str(out), concept_columns=False)
     assert any(k.startswith("concept_") for k in with_cols[0])
     assert not any(k.startswith("concept_") for k in without[0])
     assert [r["prediction"] for r in without] == [r["prediction"] for r in with_cols]
