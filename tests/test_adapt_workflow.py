@@ -360,3 +360,26 @@ def test_blood_adapts_to_another_laboratory_through_the_bundle_command(tmp_path)
     else:
         assert ba["adapted"] == ba["plain"]
     print(json.dumps({"balanced_accuracy": ba, "edited": list(spec["reasons"])}), file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------ the source guard
+def test_source_guard_counts_broken_source_images_that_fixes_elsewhere_cannot_offset():
+    from test_adaptation_search import CLASSES, IDS, _setting
+
+    from medcbm.adaptation import ConceptEditSearch
+
+    W, b, neutral, R, yr, S, ys, _, _ = _setting(confound=0.6, weak_c=1.0)
+    plain = ConceptEditSearch(class_names=CLASSES, concept_ids=IDS).fit(S, ys, W, b, neutral, R, yr)
+    assert plain.spec_.mask == ["confounder"]  # on this site, masking the confounder is the edit
+    R2, neutral2 = R.copy(), neutral.copy()
+    neutral2[3] = 0.2
+    b_idx, a_idx = np.flatnonzero(yr == 1)[:6], np.flatnonzero(yr == 0)[:6]
+    R2[b_idx, 1], R2[b_idx, 3] = 0.1, 0.9  # source b images recognised by the confounder alone: the mask breaks them
+    R2[a_idx, 0], R2[a_idx, 3] = 0.7, 0.9  # source a images the confounder wrongly pulls to b: the mask fixes them
+    s = ConceptEditSearch(class_names=CLASSES, concept_ids=IDS).fit(S, ys, W, b, neutral2, R2, yr)
+    before = (R2 @ W.T + b).argmax(1)
+    masked = R2.copy()
+    masked[:, 3] = neutral2[3]
+    after = (masked @ W.T + b).argmax(1)
+    assert ((before == yr) & (after != yr)).sum() == 6 and ((before != yr) & (after == yr)).sum() == 6  # net zero
+    assert s.spec_.mask == [] and "turn 6 of" in s.spec_.method["guard_rejected"]["confounder"]
