@@ -194,9 +194,7 @@ def draw_support(y: np.ndarray, k: int, seed: int, n_classes: int) -> np.ndarray
 
 
 # ---------------------------------------------------------------------------------------------- methods
-def run_methods(
-    bundle: LoadedBundle, sup: Scored, tgt: Scored, src: Scored, ref: Scored
-) -> dict[str, dict[str, Any]]:
+def run_methods(bundle: LoadedBundle, sup: Scored, tgt: Scored, src: Scored, ref: Scored) -> dict[str, dict[str, Any]]:
     """Every method fitted on ``sup``; scored on the target rest ``tgt`` and the source test ``src``."""
     W, b, neutral, mus = _head(bundle)
     C = W.shape[0]
@@ -259,8 +257,12 @@ def run_methods(
 
 def _stats(values: list[float]) -> dict[str, float]:
     a = np.asarray(values, dtype=np.float64)
-    return {"mean": round(float(a.mean()), 4), "sd": round(float(a.std(ddof=1)) if len(a) > 1 else 0.0, 4),
-            "min": round(float(a.min()), 4), "max": round(float(a.max()), 4)}
+    return {
+        "mean": round(float(a.mean()), 4),
+        "sd": round(float(a.std(ddof=1)) if len(a) > 1 else 0.0, 4),
+        "min": round(float(a.min()), 4),
+        "max": round(float(a.max()), 4),
+    }
 
 
 def evaluate_scenario(bundle, target: Scored, src: Scored, ref: Scored, ks, draws) -> dict[str, Any]:
@@ -385,7 +387,8 @@ def docs_block(results: dict[str, Any], source: str) -> str:
         "source test split (the guard itself checks the reference set); `edits` is the mean number of edited "
         "concepts; n/a: the method needs every class in the support set.",
         "",
-        "| bundle | target | k | none | concept edit | T3A | LAME | head re-fit (prior) | linear probe | drop | edits |",
+        "| bundle | target | k | none | concept edit | T3A | LAME | head re-fit (prior) | linear probe "
+        "| drop | edits |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for bname, b in results["bundles"].items():

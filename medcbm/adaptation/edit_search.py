@@ -184,7 +184,9 @@ class ConceptEditSearch:
         self.class_names_ = self.class_names or [f"class{c}" for c in range(C)]
         self.concept_ids_ = self.concept_ids or [f"concept{k}" for k in range(K)]
         if len(self.class_names_) != C or len(self.concept_ids_) != K:
-            raise ValueError(f"{len(self.class_names_)} class names / {len(self.concept_ids_)} concept ids for {(C, K)}")
+            raise ValueError(
+                f"{len(self.class_names_)} class names / {len(self.concept_ids_)} concept ids for a head of {(C, K)}"
+            )
         self._W, self._b, self._neutral, self._mus = W, b, n0, mus
 
         present = np.unique(y)
