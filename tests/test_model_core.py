@@ -176,7 +176,7 @@ def test_feature_cache_hit_miss_and_invalidation(tiny_backbone_spec, tmp_path):
     assert other_bk.get(third.content_sha256[1]) is None
 
     # a corrupt entry is not served
-    entry = next((tmp_path / "cache").rglob("*.safetensors"))
+    entry = next(cache.namespace.rglob("*.safetensors"))  # an entry this cache reads
     entry.write_bytes(b"garbage")
     fresh = FeatureCache(tmp_path / "cache", bk.fingerprint, pipe.fingerprint())
     extract_features(paths, bk.image_encoder(), pipe, fresh)
