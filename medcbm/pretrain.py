@@ -9,8 +9,17 @@ The image tower is trained from scratch on the recipe's ``train`` split with two
 the data's own annotations: class cross-entropy through an auxiliary linear layer (discarded) and
 concept presence through the *text tower*: ``sigmoid(s * cos(image, text(concept)) + b_k)`` against the
 concept labels. The text tower thus learns to embed the concept bank's sentences, which is what the
-``text`` grounding mode reads. The epoch kept is the one with the best balanced accuracy on the
-``val`` split; the test split is never read. Output: an open_clip ``local-dir:`` folder.
+``text`` grounding mode reads.
+
+Site robustness: training images are read once at ``train.load_size`` (default twice the encoder size)
+and every batch goes through :class:`medcbm.augment.SiteShiftAugment` with the recipe's
+``train.augment`` block (stain / colour, object size and off-centre framing, blur, resolution, JPEG,
+illumination), which resizes to the encoder size as inference does. Selection: each epoch is scored
+on the ``val`` split as inference sees it *and* on a fixed, seeded site-shifted copy of it
+(``train.val_shift``, default the ``augment`` block, drawn once); ``train.clean_fraction`` of each batch
+is left unaugmented (BatchNorm statistics then also see clean images); the epoch kept maximises the mean of
+the two balanced accuracies. The test split is never read. Output: an open_clip ``local-dir:`` folder
+whose ``preprocess_cfg.resize_mode`` is the recipe's ``preprocess.resize_mode`` (default ``shortest``).
 """
 
 from __future__ import annotations
@@ -28,11 +37,12 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from .augment import SiteShiftAugment, resize_batch
 from .backbones import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, save_local_dir
 from .concepts import ConceptBank, load_concept_bank
 from .metrics import auroc, balanced_accuracy
 
-__all__ = ["pretrain_backbone", "load_recipe", "dataset_records", "records_to_arrays"]
+__all__ = ["pretrain_backbone", "load_recipe", "dataset_records", "records_to_arrays", "load_unit_images"]
 
 logger = logging.getLogger("medcbm.pretrain")
 
@@ -74,11 +84,40 @@ def records_to_arrays(records: list[dict], bank: ConceptBank) -> tuple[np.ndarra
     return y, c
 
 
-def _load_images(records: list[dict], pipeline: Callable) -> torch.Tensor:
-    return torch.stack([pipeline(r["image"]) for r in records])
+def _pipeline(channel_mode: str, size: int, mean: Any, std: Any, resize_mode: str) -> Callable:
+    """The inference pipeline; ``resize_mode`` is passed on when ``ClinicalImagePipeline`` supports it."""
+    import inspect
+
+    from .transforms import ClinicalImagePipeline
+
+    if "resize_mode" in inspect.signature(ClinicalImagePipeline.__init__).parameters:
+        return ClinicalImagePipeline(channel_mode, size, mean, std, resize_mode=resize_mode)
+    if resize_mode != "shortest":
+        logger.warning("ClinicalImagePipeline has no resize_mode yet: reading with 'shortest', not %r", resize_mode)
+    return ClinicalImagePipeline(channel_mode, size, mean, std)
 
 
-def _augment(x: torch.Tensor, aug: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
+def load_unit_images(paths: list[str], channel_mode: str, size: int, resize_mode: str = "shortest") -> torch.Tensor:
+    """Images as uint8 ``(N, 3, size, size)`` (the [0, 1] image times 255), read as at inference."""
+    pipe = _pipeline(channel_mode, size, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), resize_mode)
+    out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
+    for i, p in enumerate(paths):
+        out[i] = (pipe(p).clamp(0.0, 1.0) * 255.0 + 0.5).to(torch.uint8)
+    return out
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(OPENAI_CLIP_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_CLIP_STD, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+#: Augmentation keys of the first recipes (before :mod:`medcbm.augment`); kept so their backbones rebuild.
+LEGACY_AUGMENT_KEYS = frozenset({"flip", "vflip", "rot90", "shift", "intensity"})
+
+
+def _legacy_augment(x: torch.Tensor, aug: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
+    """The first recipes' augmentation (flips, a rot90 per batch, roll, gain/bias) on normalised images."""
     if aug.get("flip"):
         flip = torch.rand(x.shape[0], generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -100,14 +139,52 @@ def _augment(x: torch.Tensor, aug: dict[str, Any], gen: torch.Generator) -> torc
     return x
 
 
+def _init_weights(model: torch.nn.Module, folder: str | Path) -> dict[str, str]:
+    """Load a ``local-dir:`` backbone's weights into ``model`` (strict); returns its provenance."""
+    from safetensors.torch import load_file
+
+    from .datasets.paths import sha256_file
+
+    path = Path(folder).expanduser() / "open_clip_model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: {path} not found (build it with the base recipe first)")
+    state = load_file(str(path))
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    except RuntimeError as e:
+        raise ValueError(
+            f"init_from: {path} does not match the recipe's model_cfg ({str(e).splitlines()[0]})"
+        ) from None
+    cfg_path = path.parent / "open_clip_config.json"
+    name = (
+        json.loads(cfg_path.read_text()).get("medcbm_pretraining", {}).get("recipe", "") if cfg_path.is_file() else ""
+    )
+    return {"folder": str(Path(folder)), "recipe": name, "sha256": sha256_file(path)}
+
+
+def _embed(model: torch.nn.Module, x: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    return torch.cat([F.normalize(model.encode_image(x[i : i + batch]), dim=-1) for i in range(0, len(x), batch)])
+
+
 def pretrain_backbone(
-    recipe: dict[str, Any], out_dir: str | Path, epochs: int | None = None, limit: int | None = None
+    recipe: dict[str, Any],
+    out_dir: str | Path,
+    epochs: int | None = None,
+    limit: int | None = None,
+    init_from: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Train the recipe's backbone and write it as a ``local-dir:`` folder; returns a training summary."""
+    """Train the recipe's backbone and write it as a ``local-dir:`` folder; returns a training summary.
+
+    Args:
+        recipe: the loaded recipe (:func:`load_recipe`).
+        out_dir: output ``local-dir:`` folder.
+        epochs: override ``train.epochs``.
+        limit: use only this many training images (smoke runs).
+        init_from: start from this ``local-dir:`` backbone (same ``model_cfg``) instead of
+            ``train.init_from`` or random weights.
+    """
     import open_clip
     from open_clip.model import CLIP
-
-    from .transforms import ClinicalImagePipeline
 
     t0 = time.time()
     cfg = recipe["train"]
@@ -124,15 +201,45 @@ def pretrain_backbone(
         train, val = train[:limit], val[: max(limit // 4, 10)]
     model_cfg = recipe["model_cfg"]
     size = int(model_cfg["vision_cfg"]["image_size"])
-    pipeline = ClinicalImagePipeline(recipe["channel_mode"], size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
-    logger.info("loading %d train / %d val images at %d px", len(train), len(val), size)
-    x_tr, x_va = _load_images(train, pipeline), _load_images(val, pipeline)
+    legacy_recipe = set(cfg.get("augment", {}) or {}) <= LEGACY_AUGMENT_KEYS
+    load_size = int(cfg.get("load_size", size if legacy_recipe else 2 * size))
+    resize_mode = str(recipe.get("preprocess", {}).get("resize_mode", "shortest"))
+    mode = recipe["channel_mode"]
+    logger.info("loading %d train images at %d px and %d val images", len(train), load_size, len(val))
+    u_tr = load_unit_images([r["image"] for r in train], mode, load_size, resize_mode)
+    x_va = _normalise(load_unit_images([r["image"] for r in val], mode, size, resize_mode).float() / 255.0)
+    augment_cfg = dict(cfg.get("augment", {}) or {})
+    legacy = bool(augment_cfg) and set(augment_cfg) <= LEGACY_AUGMENT_KEYS
+    if legacy:  # the first recipes: no site-shift family, selection on clean val only
+
+        def augmenter(u: torch.Tensor) -> torch.Tensor:
+            return _legacy_augment(_normalise(resize_batch(u, size)), augment_cfg, gen)
+
+    else:
+        site = SiteShiftAugment(augment_cfg, size, mode, seed=seed)
+        clean_fraction = float(cfg.get("clean_fraction", 0.0))
+
+        def augmenter(u: torch.Tensor) -> torch.Tensor:
+            x = site(u)
+            if clean_fraction > 0:  # some images as inference reads them: BatchNorm statistics also see clean data
+                keep = torch.rand(len(u), generator=gen) < clean_fraction
+                if keep.any():
+                    x[keep] = resize_batch(u[keep], size)
+            return _normalise(x)
+
+    shift_cfg = dict(cfg.get("val_shift", {} if legacy else augment_cfg) or {})
+    u_va = load_unit_images([r["image"] for r in val], mode, load_size, resize_mode).float() / 255.0
+    shifter = SiteShiftAugment(shift_cfg, size, mode, seed=seed + 1)
+    x_vs = torch.cat([_normalise(shifter(u_va[i : i + 256])) for i in range(0, len(u_va), 256)])
+    del u_va
     y_tr, c_tr = records_to_arrays(train, bank)
     y_va, c_va = records_to_arrays(val, bank)
     labelled = ~np.all(np.isnan(c_tr), axis=0)
     logger.info("concepts with labels: %d of %d", int(labelled.sum()), bank.num_concepts)
 
     model = CLIP(**model_cfg)
+    init_from = init_from or cfg.get("init_from")
+    init_info = _init_weights(model, init_from) if init_from else None
     ctx = int(model_cfg["text_cfg"].get("context_length", 77))
     tokens = open_clip.tokenize(bank.texts, context_length=ctx)
     C, K, E = bank.num_classes, bank.num_concepts, int(model_cfg["embed_dim"])
@@ -159,7 +266,7 @@ def pretrain_backbone(
         total = 0.0
         for start in range(0, len(train), bs):
             idx = perm[start : start + bs]
-            xb = _augment(x_tr[idx], cfg.get("augment", {}), gen)
+            xb = augmenter(u_tr[idx].float() / 255.0)
             img = F.normalize(model.encode_image(xb), dim=-1)
             txt = F.normalize(model.encode_text(tokens), dim=-1)
             loss = F.cross_entropy(aux(img) * 10.0, yt[idx], weight=class_w)
@@ -177,21 +284,22 @@ def pretrain_backbone(
         model.eval()
         aux.eval()
         with torch.no_grad():
-            img = torch.cat(
-                [F.normalize(model.encode_image(x_va[i : i + 256]), dim=-1) for i in range(0, len(x_va), 256)]
-            )
+            img = _embed(model, x_va)
             txt = F.normalize(model.encode_text(tokens), dim=-1)
             bacc = balanced_accuracy(y_va, aux(img).argmax(1).numpy())
             z = (img @ txt.T).numpy()
+            bacc_shift = balanced_accuracy(y_va, aux(_embed(model, x_vs)).argmax(1).numpy())
         aucs = [auroc(c_va[~np.isnan(c_va[:, k]), k] > 0.5, z[~np.isnan(c_va[:, k]), k]) for k in range(K)]
         mean_auc = float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else float("nan")
-        score = bacc + 1e-3 * (0 if math.isnan(mean_auc) else mean_auc)
+        score = (bacc if legacy else 0.5 * (bacc + bacc_shift)) + 1e-3 * (0 if math.isnan(mean_auc) else mean_auc)
         history.append(
             {
                 "epoch": epoch + 1,
                 "train_loss": round(total / len(train), 4),
                 "val_balanced_accuracy": round(bacc, 4),
+                "val_shift_balanced_accuracy": round(bacc_shift, 4),
                 "val_text_concept_auroc": round(mean_auc, 4),
+                "seconds": round(time.time() - t0, 1),
             }
         )
         logger.info("epoch %d %s", epoch + 1, history[-1])
@@ -206,8 +314,14 @@ def pretrain_backbone(
         "epochs": n_epochs,
         "best_epoch": best["epoch"],
         "val_balanced_accuracy_aux_head": history[best["epoch"] - 1]["val_balanced_accuracy"],
+        "val_shift_balanced_accuracy_aux_head": history[best["epoch"] - 1]["val_shift_balanced_accuracy"],
+        "load_size": load_size,
+        "resize_mode": resize_mode,
+        "augment": augment_cfg,
+        "clean_fraction": float(cfg.get("clean_fraction", 0.0)),
         "seconds": round(time.time() - t0, 1),
         "seed": seed,
+        "init_from": init_info,
         "history": history,
     }
     save_local_dir(
@@ -217,6 +331,7 @@ def pretrain_backbone(
         OPENAI_CLIP_MEAN,
         OPENAI_CLIP_STD,
         half=True,
+        resize_mode=resize_mode,
         extra={"medcbm_pretraining": {k: v for k, v in summary.items() if k != "history"}},
     )
     (Path(out_dir) / "training_log.json").write_text(json.dumps(summary, indent=2))
@@ -229,10 +344,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="output local-dir folder")
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     parser.add_argument("--limit", type=int, default=None, help="use only this many training images (smoke runs)")
+    parser.add_argument("--init-from", default=None, help="start from this local-dir backbone (overrides the recipe)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    summary = pretrain_backbone(load_recipe(args.recipe), args.out, args.epochs, args.limit)
+    summary = pretrain_backbone(load_recipe(args.recipe), args.out, args.epochs, args.limit, args.init_from)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
 
 

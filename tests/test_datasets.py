@@ -19,6 +19,7 @@ from medcbm.datasets import (
     nih_cxr14_records,
     pbc_wbcatt_records,
     shared_data_root,
+    wbcatt_concepts,
 )
 from medcbm.datasets.paths import SHARED_DATA_ENV
 
@@ -132,6 +133,31 @@ def test_pbc_hash_verification_detects_tampering(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=Path(row["file"]).name):
         pbc_wbcatt_records(root=tmp_path, verify_hashes=True)
     assert len(pbc_wbcatt_records(root=tmp_path, verify_hashes=False)) == 1
+
+
+def test_blood_round_red_granules_are_one_concept() -> None:
+    bank = load_concept_bank(BLOOD_YAML)
+    assert "large_round_granules" not in bank.concept_ids and "red_orange_granules" in bank.concept_ids
+    base = {
+        "cell_size": "big", "cell_shape": "round", "nucleus_shape": "segmented-bilobed",
+        "nuclear_cytoplasmic_ratio": "low", "chromatin_density": "densely", "cytoplasm_vacuole": "no",
+        "cytoplasm_texture": "clear", "cytoplasm_colour": "light blue", "granule_type": "round",
+        "granule_colour": "red", "granularity": "yes",
+    }  # fmt: skip
+    labels = wbcatt_concepts(base)
+    assert labels["red_orange_granules"] == 1.0 and labels["fine_granules"] == labels["coarse_granules"] == 0.0
+    assert wbcatt_concepts({**base, "granule_type": "small", "granule_colour": "pink"})["red_orange_granules"] == 0.0
+
+
+@needs_data
+def test_blood_concepts_have_distinct_labels() -> None:
+    """No two blood concepts get the same label on every staged cell (they would be one concept)."""
+    records = pbc_wbcatt_records(include_extra=True)
+    columns = {cid: tuple(r[cid] for r in records) for cid in WBCATT_CONCEPT_RULES}
+    seen: dict[tuple, str] = {}
+    for cid, col in columns.items():
+        assert col not in seen, f"{cid} and {seen[col]} have identical labels"
+        seen[col] = cid
 
 
 # ---- NIH ChestX-ray14 ---------------------------------------------------------------------------------

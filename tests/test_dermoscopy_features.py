@@ -525,6 +525,90 @@ def test_train_copy_of_a_test_image_is_dropped(tmp_path):
     assert len({r["sha256"] for r in recs}) == len(recs)
 
 
+# ---- expert structure labels (isic2017_features) ----------------------------------------------------
+
+_EXPERT_COLUMNS = ("pigment_network", "negative_network", "streaks", "milia_like_cyst", "globules")
+
+
+def _fake_expert_table(root: Path, rows: list[dict]) -> Path:
+    folder = root / "isic2017_features"
+    folder.mkdir(parents=True, exist_ok=True)
+    fields = ["image_id", "split", "diagnosis", *_EXPERT_COLUMNS, "n_features", "image_file", "image_sha256"]
+    with open(folder / "labels.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return folder
+
+
+def test_expert_table_parsing_and_errors(tmp_path):
+    from medcbm.datasets.isic2017_features import EXPERT_FEATURE_CONCEPTS, isic2017_expert_labels
+
+    assert tuple(EXPERT_FEATURE_CONCEPTS) == _EXPERT_COLUMNS
+    row = {"image_id": "ISIC_1", "image_sha256": "AB", **{c: "0" for c in _EXPERT_COLUMNS}, "streaks": "1"}
+    labels = isic2017_expert_labels(_fake_expert_table(tmp_path / "a", [row]))
+    assert labels["ISIC_1"]["streaks"] == 1.0 and labels["ISIC_1"]["dots_globules"] == 0.0
+    assert labels["ISIC_1"]["sha256"] == "ab"
+    with pytest.raises(ValueError, match="expected 0 or 1"):
+        isic2017_expert_labels(_fake_expert_table(tmp_path / "b", [{**row, "globules": "yes"}]))
+    with pytest.raises(ValueError, match="listed twice"):
+        isic2017_expert_labels(_fake_expert_table(tmp_path / "c", [row, row]))
+    bad = tmp_path / "d" / "isic2017_features"
+    bad.mkdir(parents=True)
+    (bad / "labels.csv").write_text("image_id,image_sha256,streaks\nISIC_1,ab,1\n")
+    with pytest.raises(ValueError, match="missing column"):
+        isic2017_expert_labels(bad)
+    with pytest.raises(FileNotFoundError):
+        isic2017_expert_labels(tmp_path / "absent")
+
+
+def test_isic2017_records_carry_expert_labels(tmp_path):
+    from medcbm.datasets.isic2017_features import EXPERT_FEATURE_CONCEPTS
+
+    folder = _fake_isic(tmp_path, {"nevus": 3, "melanoma": 2, "seborrheic_keratosis": 2}, {"nevus": 1, "melanoma": 1})
+    cache = tmp_path / "cache"
+    plain = df.isic2017_records(root=folder, cache_dir=cache)
+    assert all(math.isnan(r[c]) for r in plain for c in EXPERT_FEATURE_CONCEPTS.values())  # no table: unlabelled
+    covered = plain[:4]
+    rows = []
+    for i, r in enumerate(covered):
+        flags = {c: str((i >> j) & 1) for j, c in enumerate(_EXPERT_COLUMNS)}
+        rows.append({"image_id": r["image_id"], "image_sha256": r["sha256"], **flags})
+    _fake_expert_table(tmp_path, rows)
+    recs = {r["image_id"]: r for r in df.isic2017_records(root=folder, cache_dir=cache)}
+    for i, r in enumerate(covered):
+        for j, (column, concept) in enumerate(EXPERT_FEATURE_CONCEPTS.items()):
+            assert recs[r["image_id"]][concept] == float((i >> j) & 1), (column, i)
+    others = [v for k, v in recs.items() if k not in {r["image_id"] for r in covered}]
+    assert others and all(math.isnan(v["streaks"]) for v in others)
+    # measured concepts are still there
+    assert all(k in recs[covered[0]["image_id"]] for k in df.MEASURED_CONCEPTS)
+    no_expert = df.isic2017_records(root=folder, cache_dir=cache, expert_features=False)
+    assert "streaks" not in no_expert[0]
+    rows[0]["image_sha256"] = "0" * 64
+    _fake_expert_table(tmp_path, rows)
+    with pytest.raises(ValueError, match="hashes to"):
+        df.isic2017_records(root=folder, cache_dir=cache)
+    with pytest.raises(FileNotFoundError):
+        df.isic2017_records(root=folder, cache_dir=cache, expert_features=tmp_path / "nowhere")
+
+
+def test_real_expert_table_matches_its_readme():
+    from medcbm.datasets.isic2017_features import isic2017_expert_labels
+    from medcbm.datasets.paths import shared_data_root
+
+    root = shared_data_root()
+    if root is None or not (root / "isic2017_features" / "labels.csv").is_file():
+        pytest.skip("../shared/data/isic2017_features not present")
+    labels = isic2017_expert_labels(root / "isic2017_features")
+    assert len(labels) == 1921
+    with open(root / "isic2017_features" / "labels.csv", newline="") as fh:
+        train_ids = {r["image_id"] for r in csv.DictReader(fh) if r["split"] == "train"}
+    assert len(train_ids) == 1800
+    assert sum(labels[i]["pigment_network"] for i in train_ids) == 1075
+    assert sum(labels[i]["milia_like_cysts"] for i in train_ids) == 485
+
+
 # ---- concept bank ----------------------------------------------------------------------------------
 
 
@@ -532,7 +616,11 @@ def test_derm_concept_bank_loads_with_measured_ids():
     bank = load_concept_bank(DERM_BANK)
     assert bank.classes == ["nevus", "melanoma", "seborrheic_keratosis"]
     assert set(df.MEASURED_CONCEPTS) <= set(bank.concept_ids)
-    assert 16 <= bank.num_concepts <= 24
+    from medcbm.datasets.isic2017_features import EXPERT_FEATURE_CONCEPTS
+
+    expert = set(EXPERT_FEATURE_CONCEPTS.values())
+    assert expert <= set(bank.concept_ids) and not expert & set(df.MEASURED_CONCEPTS)
+    assert 16 <= bank.num_concepts <= 28
     class_words = re.compile(r"melanom|\bnevus|\bnevi\b|\bnaev|kerato|seborr|\bmole|malignan|benign|cancer", re.I)
     for c in bank.concepts:
         assert not class_words.search(c.text), c.id
@@ -543,6 +631,8 @@ def test_derm_concept_bank_loads_with_measured_ids():
     for cid in ("asymmetric_shape", "irregular_border", "multiple_colours", "blue_grey_areas"):
         assert mel[ids.index(cid)] == 1
     assert bank.prior[bank.class_index("seborrheic_keratosis"), ids.index("milia_like_cysts")] == 1
+    assert mel[ids.index("negative_network")] == 1 and mel[ids.index("streaks")] == 1
+    assert bank.prior[bank.class_index("seborrheic_keratosis"), ids.index("pigment_network")] == -1
     assert all(v == 0 for v in bank.prior[:, ids.index("ruler_or_ink_marks")])
 
 

@@ -48,3 +48,8 @@ __all__ += ["isic2017_records"]
 from .pneumoniamnist import pneumoniamnist_records  # noqa: E402
 
 __all__ += ["pneumoniamnist_records"]
+
+from .bccd_wbc import bccd_wbc_dev_records  # noqa: E402
+from .isic2017_features import EXPERT_FEATURE_CONCEPTS, isic2017_expert_labels  # noqa: E402
+
+__all__ += ["bccd_wbc_dev_records", "EXPERT_FEATURE_CONCEPTS", "isic2017_expert_labels"]

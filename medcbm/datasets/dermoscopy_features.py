@@ -923,6 +923,37 @@ def _load_rgb(path: Path) -> np.ndarray:
         return np.asarray(im.convert("RGB"))
 
 
+def _attach_expert_labels(base: list[dict[str, Any]], data_root: Path, folder: str | os.PathLike | bool) -> None:
+    """Add the expert structure concepts to each record (NaN where the table has no row)."""
+    import logging
+
+    from medcbm.datasets.isic2017_features import (
+        EXPERT_FEATURE_CONCEPTS,
+        EXPERT_FEATURES_DIR,
+        isic2017_expert_labels,
+    )
+
+    path = data_root.parent / EXPERT_FEATURES_DIR if folder is True else Path(folder)
+    table: dict[str, dict[str, Any]] = {}
+    if (path / "labels.csv").is_file():
+        table = isic2017_expert_labels(path)
+    elif folder is not True:
+        raise FileNotFoundError(f"expert feature table not found: {path / 'labels.csv'}")
+    else:
+        logging.getLogger(__name__).info(
+            "no %s next to %s: expert concepts left unlabelled", EXPERT_FEATURES_DIR, data_root
+        )
+    for b in base:
+        row = table.get(b["image_id"])
+        if row is not None and row["sha256"] != b["sha256"]:
+            raise ValueError(
+                f"{path / 'labels.csv'}: {b['image_id']} has image_sha256 {row['sha256']}, "
+                f"but {b['image']} hashes to {b['sha256']}"
+            )
+        for concept in EXPERT_FEATURE_CONCEPTS.values():
+            b[concept] = row[concept] if row is not None else float("nan")
+
+
 def _carve_val(train_rows: Sequence[Mapping[str, Any]], val_fraction: float, seed: int) -> set[str]:
     """Image ids moved from the original train split to "val", stratified by class, deterministic."""
     if not 0.0 <= val_fraction < 1.0:
@@ -949,8 +980,9 @@ def isic2017_records(
     val_fraction: float = 0.15,
     seed: int = 0,
     return_thresholds: bool = False,
+    expert_features: str | os.PathLike | bool = True,
 ) -> list[dict[str, Any]] | tuple[list[dict[str, Any]], dict[str, float]]:
-    """The ISIC 2017 manifest with measured ABCD features and measured concept labels.
+    """The ISIC 2017 manifest with measured ABCD features, measured and expert concept labels.
 
     Splits: the dataset's own ``val`` split (150 images) is the held-out ``"test"`` split here; ``"val"``
     (for model selection) is carved out of the original ``train`` split, stratified by class and
@@ -970,12 +1002,20 @@ def isic2017_records(
         val_fraction: fraction of each class of the original train split moved to ``"val"``.
         seed: seed of the stratified carve.
         return_thresholds: also return the fitted thresholds.
+        expert_features: the ``isic2017_features`` folder of expert structure labels
+            (:mod:`medcbm.datasets.isic2017_features`); ``True`` looks for it next to the image folder
+            (absent: the expert concepts are NaN for every image), ``False`` leaves them out.
 
     Returns:
         One dict per image, sorted by split then image id: ``image`` (absolute path), ``label`` (class
         name), ``split``, ``image_id``, ``sha256``, ``dataset``, ``age``, ``sex``, the measures of
         :func:`measure_abcd` and the concept labels of :data:`MEASURED_CONCEPTS` (NaN when the
-        segmentation failed); with ``return_thresholds`` a ``(records, thresholds)`` tuple.
+        segmentation failed), and the expert concepts of
+        :data:`~medcbm.datasets.isic2017_features.EXPERT_FEATURE_CONCEPTS` (NaN for images the expert
+        table does not cover); with ``return_thresholds`` a ``(records, thresholds)`` tuple.
+
+    Raises:
+        ValueError: an expert label's image hash differs from the image's (names both files).
     """
     import logging
     import time
@@ -1060,6 +1100,8 @@ def isic2017_records(
     thresholds = fit_abcd_thresholds([b for b in base if b["split"] == "train"])
     for b in base:
         b.update(abcd_concept_labels(b, thresholds))
+    if expert_features is not False:
+        _attach_expert_labels(base, data_root, expert_features)
     order = {"train": 0, "val": 1, "test": 2}
     out = sorted((b for b in base if b["split"] in wanted), key=lambda b: (order[b["split"]], b["image_id"]))
     return (out, thresholds) if return_thresholds else out

@@ -25,7 +25,7 @@ DATASET_BUNDLES = {"pbc_wbcatt": "blood_cbm", "nih_cxr14": "cxr_cbm", "isic2017"
 
 def write_split_csvs(records: Sequence[dict], concept_ids: Sequence[str], out_dir: str | Path) -> dict[str, int]:
     """One CSV per split in ``records``; returns rows per split."""
-    from ..workflows.infer import atomic_write_text
+    from ..io.atomic import atomic_write_text
 
     out_dir = Path(out_dir)
     counts: dict[str, int] = {}
