@@ -246,7 +246,7 @@ class FeatureExtractor:
                 "seconds": round(dt, 3),
                 "images_per_second": round(len(indices) / dt, 2) if dt > 0 else None,
             }
-            if self.progress and len(indices) and dt > 2:
+            if bar is None and self.progress and len(indices) and dt > 2:
                 logger.info(
                     "%s: %d images in %.1f s (%.1f img/s; %d from the feature cache)",
                     self.desc,
@@ -377,11 +377,9 @@ class PredictionEngine:
 def _bar(total: int, desc: str, enabled: bool):
     if not enabled or total < 1:
         return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is optional for the engine
-        return None
-    return tqdm(total=total, desc=desc, unit="img", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+    from .progress import progress
+
+    return progress(total=total, desc=desc, unit="img")
 
 
 def _shift_detector(bundle: LoadedBundle) -> Any:

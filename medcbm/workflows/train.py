@@ -233,6 +233,8 @@ class TrainingRunner:
             "head_selection": fitted.head.selection_,
             "val_metrics": fitted.val_metrics,
             "unreadable_images": {**tr["errors"], **va["errors"]},
+            "indistinguishable_concepts": getattr(fitted, "indistinguishable", []),
+            "warnings": getattr(fitted, "warnings", []),
             "feature_cache": {"hits": cache.hits, "misses": cache.misses},
             "seconds": round(time.time() - t0, 1),
         }
