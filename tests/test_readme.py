@@ -37,3 +37,32 @@ def test_quick_start_run_command_works(tmp_path):
     with open(out / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows and all(r["status"] == "ok" and r["sample"] == "true" for r in rows)
+    # the README's example block is what this command prints today (benchmarks/update_readme_example.py)
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from update_readme_example import BEGIN, END, render
+
+    text = (REPO / "README.md").read_text()
+    assert text[text.index(BEGIN) : text.index(END) + len(END)] == render(rows), (
+        "README example is stale: run python benchmarks/update_readme_example.py"
+    )
+
+
+def test_layout_names_existing_paths():
+    text = (REPO / "README.md").read_text()
+    block = re.search(r"## Layout\n\n```\n(.*?)```", text, re.S).group(1)
+    parent = ""
+    for line in block.splitlines():
+        name = line.split()[0] if line.strip() else ""
+        if not name or name.startswith("<"):
+            continue
+        for part in name.rstrip(",").split(","):
+            part = part.strip()
+            if not part:
+                continue
+            if line.startswith("  "):
+                path = REPO / parent / part
+            else:
+                parent = part if part.endswith("/") else ""
+                path = REPO / part
+            if "<" not in str(path):
+                assert path.exists(), f"README layout names {path.relative_to(REPO)}, which does not exist"
