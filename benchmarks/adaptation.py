@@ -404,6 +404,19 @@ def docs_block(results: dict[str, Any], source: str) -> str:
                     + " | ".join(_cell(m[x]) for x in METHODS)
                     + f" | {ce['max_source_drop_points']:.1f} | {ce['n_edited']['mean']:.1f} |"
                 )
+    lines += [
+        "",
+        "Largest source-accuracy drop over the draws, in points, on the held-out source test split (negative: a gain):",
+        "",
+        "| bundle | target | k | " + " | ".join(METHODS[1:]) + " |",
+        "|---|---|---|" + "---|" * (len(METHODS) - 1),
+    ]
+    for bname, b in results["bundles"].items():
+        for sname, sc in b.get("scenarios", {}).items():
+            for k, row in sc["by_k"].items():
+                m = row["methods"]
+                cells = ["n/a" if "skipped" in m[x] else f"{m[x]['max_source_drop_points']:.1f}" for x in METHODS[1:]]
+                lines.append(f"| {bname} | {sname} | {k} | " + " | ".join(cells) + " |")
     times = [
         row["methods"]["concept_edit"]["seconds"]["max"]
         for b in results["bundles"].values()
@@ -430,6 +443,13 @@ def update_docs(path: Path, block: str) -> bool:
     return True
 
 
+def _rel(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundles", nargs="+", default=list(DATASETS))
@@ -451,6 +471,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "draws": args.draws,
         "methods": list(METHODS),
         "support_rule": "min(k, n_c - 1) images per class c, drawn with numpy default_rng(draw); the rest is scored",
+        "bundles_dir": _rel(args.bundles_dir),
         "bundles": {},
     }
     for name in args.bundles:
@@ -461,11 +482,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"{name}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     results["seconds"] = round(time.perf_counter() - t0, 1)
     atomic_write_json(args.out, results)
-    try:
-        source = str(args.out.resolve().relative_to(REPO))
-    except ValueError:
-        source = str(args.out)
-    update_docs(args.docs, docs_block(results, source))
+    update_docs(args.docs, docs_block(results, _rel(args.out)))
     print(json.dumps(results, indent=1))
     return results
 
