@@ -298,3 +298,23 @@ def test_torchrun_two_processes_write_what_one_process_writes(tmp_path):
     assert len(a) >= 2 and a == b
     journals = sorted(p.name for p in (tmp_path / "two" / ".medcbm").glob("journal.rank*.jsonl"))
     assert journals == ["journal.rank0.jsonl", "journal.rank1.jsonl"], "both ranks must have computed a shard"
+
+
+def test_blank_and_noise_inputs_are_flagged_without_a_reference_set(toy_bundle_dir, tmp_path):
+    from medcbm.engine import image_check
+
+    rng = np.random.default_rng(0)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "black.png")
+    Image.fromarray(np.full((64, 64, 3), 255, np.uint8)).save(tmp_path / "white.png")
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "noise.png")
+    smooth = np.clip(np.add.outer(np.arange(64), np.arange(64)) * 2, 0, 255).astype(np.uint8)
+    Image.fromarray(np.stack([smooth] * 3, -1)).save(tmp_path / "gradient.png")
+    bundle = LoadedBundle.load(toy_bundle_dir)
+    pipe = bundle.preprocessing.pipeline()
+    assert image_check(pipe(tmp_path / "gradient.png")) == ""
+    inp = _input_csv(tmp_path, toy_bundle_dir, [str(tmp_path / n) for n in ("black.png", "white.png", "noise.png")])
+    _run(bundle, tmp_path / "out", inp)
+    rows = _read(tmp_path / "out" / "predictions.csv")
+    assert [r["site_shift"] for r in rows] == ["true"] * 3
+    assert "blank" in rows[0]["site_shift_reason"] and "blank" in rows[1]["site_shift_reason"]
+    assert "noise" in rows[2]["site_shift_reason"]

@@ -52,7 +52,7 @@ def prediction_columns(class_names: Sequence[str], concept_ids: Sequence[str] = 
     return (
         ["image", "status", "error", "prediction", "probability"]
         + [f"prob_{c}" for c in class_names]
-        + ["top_concepts", "sample", "label", "shift_score", "site_shift"]
+        + ["top_concepts", "sample", "label", "shift_score", "site_shift", "site_shift_reason"]
         + [f"concept_{k}" for k in concept_ids]
     )
 
@@ -117,9 +117,17 @@ def explain_row(
     row["top_concepts"] = format_top_concepts(
         top_concepts(bundle.concept_ids, res.contributions[i, c], res.scores[i], neutral, top_k)
     )
+    quality = res.quality.get(res.ok[i], "")
     if res.shift_score is not None:
         row["shift_score"] = f"{res.shift_score[i]:.4f}"
-        row["site_shift"] = "true" if bool(res.shift_flag[i]) else "false"
+        row["site_shift"] = "true" if bool(res.shift_flag[i]) or quality else "false"
+        if quality:
+            row["site_shift_reason"] = quality
+        elif row["site_shift"] == "true":
+            row["site_shift_reason"] = "unlike the training site's images (score above the reference threshold)"
+    elif quality:
+        row["site_shift"] = "true"
+        row["site_shift_reason"] = quality
     if concept_columns:
         row.update({f"concept_{k}": f"{v:.6f}" for k, v in zip(bundle.concept_ids, res.scores[i])})
     return row
