@@ -326,6 +326,14 @@ class LoadedBundle:
             bundle_name = bundle_name.get("name")
         if bundle_name and bundle_name != self.name:
             raise BundleLoadError(f"{adaptation}: this adaptation was made for bundle {bundle_name!r}, not {self.name!r}")
+        made_for = (getattr(spec, "provenance", {}) or {}).get("model_fingerprint")
+        if made_for:
+            self.network.reset_edit()
+            if made_for != self.fingerprint():
+                raise BundleLoadError(
+                    f"{adaptation}: made for another fit of {self.name} (the model changed since); "
+                    "run configs/adapt.yaml again on your support images"
+                )
         self.network.set_edit(list(spec.mask), {k: float(v) for k, v in dict(spec.gain).items()})
         self.adaptation = spec
         return self

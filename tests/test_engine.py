@@ -318,3 +318,14 @@ def test_blank_and_noise_inputs_are_flagged_without_a_reference_set(toy_bundle_d
     assert [r["site_shift"] for r in rows] == ["true"] * 3
     assert "blank" in rows[0]["site_shift_reason"] and "blank" in rows[1]["site_shift_reason"]
     assert "noise" in rows[2]["site_shift_reason"]
+
+
+def test_an_adaptation_made_for_another_fit_is_refused(toy_bundle_dir, tmp_path):
+    bundle = LoadedBundle.load(toy_bundle_dir)
+    ok = tmp_path / "ok.json"
+    ok.write_text(json.dumps({"mask": ["red_area"], "gain": {}, "provenance": {"model_fingerprint": bundle.fingerprint()}}))
+    assert LoadedBundle.load(toy_bundle_dir, adaptation=ok).network.edit_mask.tolist() == [True, False]
+    stale = tmp_path / "stale.json"
+    stale.write_text(json.dumps({"mask": ["red_area"], "gain": {}, "provenance": {"model_fingerprint": "0" * 64}}))
+    with pytest.raises(BundleLoadError, match="another fit"):
+        LoadedBundle.load(toy_bundle_dir, adaptation=stale)
