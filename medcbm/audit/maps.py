@@ -102,12 +102,16 @@ class ConceptMapper:
         if self.method not in MAP_METHODS:
             raise ValueError(f"unknown map method {method!r}; expected 'auto' or one of {MAP_METHODS}")
         if self.method in ("value", "contribution") and not _is_modified_resnet(visual):
-            raise ValueError(f"map method {self.method!r} needs an open_clip ModifiedResNet image tower (with attnpool)")
+            raise ValueError(
+                f"map method {self.method!r} needs an open_clip ModifiedResNet image tower (with attnpool)"
+            )
         if self.method == "contribution" and grounding_directions(network.grounding) is None:
             raise ValueError("map method 'contribution' needs a linear (probe or text) grounding")
         if self.method == "tokens" and not _is_open_clip_vit(visual):
             raise ValueError("map method 'tokens' needs an open_clip VisionTransformer image tower")
         self._gradcam_layer = self._last_conv_name() if self.method == "gradcam" else None
+        #: (h, w) of the last maps' native grid before upsampling (``None`` for Grad-CAM or before any call)
+        self.grid_shape: tuple[int, int] | None = None
 
     # ------------------------------------------------------------------ per-location embeddings
     @torch.no_grad()
@@ -201,6 +205,7 @@ class ConceptMapper:
                 E, _, f = self.location_contributions(image)
                 M = grounding_directions(self.network.grounding)[idx].to(E.dtype)  # (k, D)
                 grid = torch.einsum("bdhw,kd->bkhw", E, M) / f.norm(dim=-1).clamp_min(1e-12)[:, None, None, None]
+                self.grid_shape = tuple(grid.shape[-2:])
                 return F.interpolate(grid, size=(H, W), mode="bilinear", align_corners=False)
         emb = self.location_embeddings(image)  # (B, D, h, w)
         B, D, h, w = emb.shape
@@ -208,6 +213,7 @@ class ConceptMapper:
             flat = emb.permute(0, 2, 3, 1).reshape(B * h * w, D)
             scores = self.network.grounding(flat)[:, idx]  # (B*h*w, k)
             grid = scores.reshape(B, h, w, len(idx)).permute(0, 3, 1, 2)
+            self.grid_shape = (h, w)
             return F.interpolate(grid, size=(H, W), mode="bilinear", align_corners=False)
 
     def _last_conv_name(self) -> str:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..audit import metrics as M
+from ..audit.location import InputGeometry, LocationItem, location_audit, parse_boxes
 from ..audit.maps import ConceptMapper, denormalize, overlay
 from ..audit.report import ImageCard, write_report
 from ..bundle import LoadedBundle
@@ -34,7 +35,14 @@ from ..sinks import prepare_output_dir
 from .cli import cli_errors
 from .infer import default_records, top_concepts
 
-__all__ = ["AuditRunner", "audit_bundle", "concept_labels_from_records", "what_if_values", "WHAT_IF_ACTIONS"]
+__all__ = [
+    "AuditRunner",
+    "audit_bundle",
+    "concept_labels_from_records",
+    "location_boxes_from_records",
+    "what_if_values",
+    "WHAT_IF_ACTIONS",
+]
 
 logger = logging.getLogger(__name__)
 WHAT_IF_ACTIONS = ("off", "present", "absent")
@@ -71,6 +79,25 @@ def concept_labels_from_records(
             if cid in index:
                 L[n, index[cid]] = v
     return L, unused
+
+
+def location_boxes_from_records(records: Sequence[InputRecord], source: str = "input") -> list[list[tuple]] | None:
+    """Boxes per record from a ``box`` column (``"x0 y0 x1 y1"`` in original pixels, several separated by ``;``),
+    or ``None`` when the input has no such column.
+
+    Raises:
+        InputListError: a malformed cell (names the row, the column and the reason).
+    """
+    col = next((k for r in records for k in r.extra if k.strip().lower() == "box"), None)
+    if col is None:
+        return None
+    out: list[list[tuple]] = []
+    for n, rec in enumerate(records):
+        try:
+            out.append(parse_boxes(rec.extra.get(col)))
+        except ValueError as e:
+            raise InputListError(source, f"row {n + 2}, column {col}: {e}") from None
+    return out
 
 
 def what_if_values(bundle: LoadedBundle) -> tuple[np.ndarray, np.ndarray, str]:
@@ -159,8 +186,12 @@ def explain(
     def scenario(change: str, s: np.ndarray) -> dict[str, Any]:
         p = _softmax(s.astype(np.float64) @ weight.T.astype(np.float64) + (bias - weight @ neutral))
         j = int(np.argmax(p))
-        return {"change": change, "prediction": class_names[j], "probability": round(float(p[j]), 6),
-                "p_original": round(float(p[pred]), 6)}
+        return {
+            "change": change,
+            "prediction": class_names[j],
+            "probability": round(float(p[j]), 6),
+            "p_original": round(float(p[pred]), 6),
+        }
 
     what_if = []
     base = scores.astype(np.float64)
@@ -189,8 +220,14 @@ def explain(
         "concept_scores": {k: float(v) for k, v in zip(concept_ids, scores)},
         "contributions": contrib,
         "top_concepts": [
-            {"concept": cid, "label": _label(cid, d), "direction": d, "contribution": v,
-             "score": float(scores[list(concept_ids).index(cid)]), "neutral": float(neutral[list(concept_ids).index(cid)])}
+            {
+                "concept": cid,
+                "label": _label(cid, d),
+                "direction": d,
+                "contribution": v,
+                "score": float(scores[list(concept_ids).index(cid)]),
+                "neutral": float(neutral[list(concept_ids).index(cid)]),
+            }
             for cid, d, v in tops
         ],
         "what_if": what_if,
@@ -212,10 +249,16 @@ def audit_bundle(
     what_if: Any = None,
     progress: bool = False,
     source: str = "input",
+    location_concepts: int = 3,
+    min_box_visible: float = 0.5,
 ) -> tuple[list[dict[str, Any]], dict[str, Any], list[ImageCard], dict[str, Any]]:
     """Audit ``records`` with ``bundle``: ``(explanations, model_audit, cards, report_meta)``.
 
-    The first ``max_cards`` readable images get a report card with ``maps_per_image`` concept maps.
+    The first ``max_cards`` readable images get a report card with ``maps_per_image`` concept maps. Records
+    with boxes (a ``box`` column, see :func:`location_boxes_from_records`) get the maps of their top
+    ``location_concepts`` concepts checked against the boxes (``concept_location``,
+    :func:`medcbm.audit.location.location_audit`; a box counts when ``min_box_visible`` of it survives the
+    preprocessing's crop).
     """
     net = bundle.network
     ids, classes = bundle.concept_ids, bundle.class_names
@@ -224,14 +267,28 @@ def audit_bundle(
     hi, lo, wi_rule = what_if_values(bundle)
     user_wi = _parse_what_if(what_if, ids)
     labels, unused = concept_labels_from_records(records, ids, source)
-    engine = PredictionEngine(bundle, device=device, batch_size=batch_size, num_workers=num_workers, progress=progress,
-                              desc="audit")
+    boxes = location_boxes_from_records(records, source)
+    engine = PredictionEngine(
+        bundle, device=device, batch_size=batch_size, num_workers=num_workers, progress=progress, desc="audit"
+    )
     entries: list[dict[str, Any] | None] = [None] * len(records)
     arrays: dict[int, dict[str, np.ndarray]] = {}
     for res in engine.iter_batches(records):
         for j, i in enumerate(res.ok):
-            e = explain(records[i].image, res.scores[j], res.contributions[j], res.bias, W, neutral, ids, classes, hi, lo,
-                        top_k, user_what_if=user_wi)
+            e = explain(
+                records[i].image,
+                res.scores[j],
+                res.contributions[j],
+                res.bias,
+                W,
+                neutral,
+                ids,
+                classes,
+                hi,
+                lo,
+                top_k,
+                user_what_if=user_wi,
+            )
             if records[i].label:
                 e["label"] = records[i].label
             if res.shift_score is not None:
@@ -241,7 +298,9 @@ def audit_bundle(
                 e["concept_labels"] = {k: int(labels[i, ki]) for ki, k in enumerate(ids) if not np.isnan(labels[i, ki])}
             logit_gap = float(np.max(np.abs(np.array(list(e["logits"].values())) - res.logits[j])))
             if logit_gap > 1e-3:
-                logger.warning("%s: contributions + bias differ from the model's logits by %.2g", records[i].image, logit_gap)
+                logger.warning(
+                    "%s: contributions + bias differ from the model's logits by %.2g", records[i].image, logit_gap
+                )
             entries[i] = e
             arrays[i] = {"scores": res.scores[j], "raw": res.scores_unedited[j], "contrib": res.contributions[j]}
         for i, reason in res.errors.items():
@@ -283,7 +342,11 @@ def audit_bundle(
         meta["warnings"].append(audit["effective_concepts"]["warning"])
     Lok = labels[ok] if labels is not None else None
     audit["global_importance"] = M.global_importance(
-        W, bundle.prior, ids, classes, contributions=Cp,
+        W,
+        bundle.prior,
+        ids,
+        classes,
+        contributions=Cp,
         concept_labels=Lok if Lok is not None and (y >= 0).any() else None,
         class_labels=y if Lok is not None and (y >= 0).any() else None,
     )
@@ -294,12 +357,13 @@ def audit_bundle(
     else:
         audit["concept_auroc"] = None
         audit["concept_existence"] = None
-    audit["concept_location"] = None  # needs location annotations (see docs/auditing.md)
+    audit["concept_location"] = None  # set below when the input has boxes
     audit["deletion"] = M.deletion(S, W, net.head.bias.detach().cpu().numpy(), neutral)
-    # cards with concept maps
+    # cards with concept maps, and the maps checked against boxes
     cards: list[ImageCard] = []
     mapper = None
-    if max_cards > 0 and getattr(net, "encoder", None) is not None:
+    with_box = {i for i in ok if boxes is not None and boxes[i]} if location_concepts > 0 else set()
+    if (max_cards > 0 or with_box) and getattr(net, "encoder", None) is not None:
         try:
             mapper = ConceptMapper(net, map_method)
             meta["map_method"] = audit["map_method"] = mapper.method
@@ -308,36 +372,83 @@ def audit_bundle(
             meta["warnings"].append(f"no concept maps: {e}")
     pipeline = bundle.preprocessing.pipeline()
     pp = bundle.preprocessing
-    for n, i in enumerate(ok[:max_cards]):
+    carded = set(ok[:max_cards])
+    loc_items: list[LocationItem] = []
+    for i in ok:
+        if i not in carded and i not in with_box:
+            continue
         e = entries[i]
         assert e is not None
         tops = e["top_concepts"][:maps_per_image]
-        card = ImageCard(
-            image=e["image"], prediction=e["prediction"], probability=e["probability"], label=records[i].label,
-            contributions={_label(k, "present" if e["concept_scores"][k] >= neutral[ids.index(k)] else "absent"): v
-                           for k, v in e["contributions"][e["prediction"]].items()},
-            bias=e["bias"][e["prediction"]],
-            what_if=e["what_if"], shift_score=e.get("shift_score"), shift_flag=e.get("site_shift"),
-            n_effective=e["effective_concepts"]["n_95"],
+        loc_tops = e["top_concepts"][:location_concepts] if i in with_box else []
+        card = (
+            None
+            if i not in carded
+            else ImageCard(
+                image=e["image"],
+                prediction=e["prediction"],
+                probability=e["probability"],
+                label=records[i].label,
+                contributions={
+                    _label(k, "present" if e["concept_scores"][k] >= neutral[ids.index(k)] else "absent"): v
+                    for k, v in e["contributions"][e["prediction"]].items()
+                },
+                bias=e["bias"][e["prediction"]],
+                what_if=e["what_if"],
+                shift_score=e.get("shift_score"),
+                shift_flag=e.get("site_shift"),
+                n_effective=e["effective_concepts"]["n_95"],
+            )
         )
         if mapper is not None:
             try:
-                x = pipeline(records[i].path)[None].to(next(net.parameters()).device)
+                original = pipeline.channels(pipeline.loader(records[i].path))  # (3, H, W) as read
+                x = pipeline.encoder_input(original)[None].to(next(net.parameters()).device)
                 picture = denormalize(x[0], pp.mean, pp.std)
-                card.picture = picture
-                idx = [ids.index(t["concept"]) for t in tops]
-                if idx:
-                    hm = mapper.maps(x, idx)[0].cpu().numpy()
+                wanted = list(dict.fromkeys(t["concept"] for t in [*(tops if card is not None else []), *loc_tops]))
+                hm = mapper.maps(x, [ids.index(c) for c in wanted])[0].cpu().numpy() if wanted else []
+                by_id = dict(zip(wanted, hm))
+                if card is not None:
+                    card.picture = picture
                     peaks = {}
-                    for t, m in zip(tops, hm):
-                        card.maps.append((t["concept"], f"{t['direction']}: score {t['score']:.2f} (usual {t['neutral']:.2f})",
-                                          overlay(picture, m)))
+                    for t in tops:
+                        m = by_id[t["concept"]]
+                        card.maps.append(
+                            (
+                                t["concept"],
+                                f"{t['direction']}: score {t['score']:.2f} (usual {t['neutral']:.2f})",
+                                overlay(picture, m),
+                            )
+                        )
                         r, c = np.unravel_index(int(np.argmax(m)), m.shape)
                         peaks[t["concept"]] = [round(r / m.shape[0], 3), round(c / m.shape[1], 3)]
                     e["maps"] = {"method": mapper.method, "peak_yx": peaks}
+                if loc_tops:
+                    geometry = InputGeometry.from_preprocessing(pp, int(original.shape[-2]), int(original.shape[-1]))
+                    loc_items.append(
+                        LocationItem(
+                            image=e["image"],
+                            geometry=geometry,
+                            boxes=list(boxes[i]),  # type: ignore[index]
+                            maps=[(t["concept"], t["direction"], by_id[t["concept"]]) for t in loc_tops],
+                            grid_shape=mapper.grid_shape,
+                        )
+                    )
             except Exception as ex:  # a map must not stop the audit
                 logger.warning("%s: no concept maps (%s)", e["image"], ex)
-        cards.append(card)
+        if card is not None:
+            cards.append(card)
+    if loc_items:
+        loc, per_image = location_audit(loc_items, min_visible=min_box_visible)
+        loc["map_method"] = mapper.method if mapper is not None else None
+        audit["concept_location"] = meta["concept_location"] = loc
+        by_image = {p["image"]: p for p in per_image}
+        for i in with_box:
+            p = by_image.get(entries[i]["image"])  # type: ignore[index]
+            if p is not None:
+                entries[i]["location"] = {k: v for k, v in p.items() if k != "image"}  # type: ignore[index]
+    elif with_box:
+        audit["concept_location"] = {"note": "boxes were given but no concept map could be computed"}
     return entries, audit, cards, meta  # type: ignore[return-value]
 
 
@@ -357,8 +468,16 @@ def summary_rows(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         if e.get("status") != "ok":
             rows.append({"image": e["image"], "status": "error", "error": e.get("error", "")})
             continue
-        rows.append({"image": e["image"], "status": "ok", "prediction": e["prediction"], "probability": e["probability"],
-                     "label": e.get("label"), "top": [t["label"] for t in e["top_concepts"][:3]]})
+        rows.append(
+            {
+                "image": e["image"],
+                "status": "ok",
+                "prediction": e["prediction"],
+                "probability": e["probability"],
+                "label": e.get("label"),
+                "top": [t["label"] for t in e["top_concepts"][:3]],
+            }
+        )
     return rows
 
 
@@ -372,6 +491,8 @@ class AuditRunner:
         top_k: top concepts listed per image; max_cards: images shown as cards (the rest in a table);
         maps_per_image: concept maps per card; map_method: ``auto`` or one of ``medcbm.audit.MAP_METHODS``.
         what_if: a user intervention applied to every image, ``{concept_id: off|present|absent|number}``.
+        location_concepts: top concepts per image whose maps are checked against the input's ``box`` column;
+        min_box_visible: fraction of a box that must survive the preprocessing's crop for it to count.
         exit_on_error: CLI behaviour (exit 1 after writing everything if an input failed; exit 2 with one
             line on a bad command); ``False`` returns the error count instead.
         bundle: an already loaded bundle.
@@ -396,6 +517,8 @@ class AuditRunner:
         maps_per_image: int = 3,
         map_method: str = "auto",
         what_if: Any = None,
+        location_concepts: int = 3,
+        min_box_visible: float = 0.5,
         progress: bool = True,
         exit_on_error: bool = True,
         bundle: LoadedBundle | None = None,
@@ -403,14 +526,20 @@ class AuditRunner:
         self.bundle_root = Path(bundle_root)
         self.output_dir = Path(output_dir)
         self.input = None if input in (None, "", "None") else input
-        self.load_args = dict(models_dir=models_dir, backbone=backbone, pretrained=pretrained, adaptation=adaptation,
-                              channel_mode=channel_mode)
+        self.load_args = dict(
+            models_dir=models_dir,
+            backbone=backbone,
+            pretrained=pretrained,
+            adaptation=adaptation,
+            channel_mode=channel_mode,
+        )
         self.modality = modality
         self.device = torch.device(device)
         self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.top_k, self.max_cards, self.maps_per_image = int(top_k), int(max_cards), int(maps_per_image)
         self.map_method = map_method
         self.what_if = what_if
+        self.location_concepts, self.min_box_visible = int(location_concepts), float(min_box_visible)
         self.progress = progress
         self.exit_on_error = exit_on_error
         self.bundle = bundle
@@ -421,8 +550,11 @@ class AuditRunner:
         with cli_errors(exit=self.exit_on_error):
             n_err = self._run()
         if n_err and self.exit_on_error:
-            print(f"medcbm: {n_err} of {self.summary.get('n_images', '?')} inputs could not be read; see "
-                  f"{self.output_dir / 'explanations.jsonl'}", file=sys.stderr)
+            print(
+                f"medcbm: {n_err} of {self.summary.get('n_images', '?')} inputs could not be read; see "
+                f"{self.output_dir / 'explanations.jsonl'}",
+                file=sys.stderr,
+            )
             sys.exit(1)
         return n_err
 
@@ -436,15 +568,36 @@ class AuditRunner:
         else:
             records, source = list_inputs(self.input), str(self.input)
         entries, audit, cards, meta = audit_bundle(
-            bundle, records, self.device, self.batch_size, self.num_workers, self.top_k, self.max_cards,
-            self.maps_per_image, self.map_method, self.what_if, self.progress, source,
+            bundle,
+            records,
+            self.device,
+            self.batch_size,
+            self.num_workers,
+            self.top_k,
+            self.max_cards,
+            self.maps_per_image,
+            self.map_method,
+            self.what_if,
+            self.progress,
+            source,
+            location_concepts=self.location_concepts,
+            min_box_visible=self.min_box_visible,
         )
         audit["seconds"] = round(time.perf_counter() - t0, 2)
-        atomic_write_text(self.output_dir / "explanations.jsonl",
-                          "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
+        atomic_write_text(
+            self.output_dir / "explanations.jsonl", "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries)
+        )
         atomic_write_json(self.output_dir / "model_audit.json", audit)
-        write_report(self.output_dir / "report.html", audit, cards, summary_rows(entries),
-                     title=f"Concept audit — {bundle.name} {bundle.version}".strip(), meta=meta)
+        write_report(
+            self.output_dir / "report.html",
+            audit,
+            cards,
+            summary_rows(entries),
+            title=f"Concept audit — {bundle.name} {bundle.version}".strip(),
+            meta=meta,
+        )
         self.summary = {"n_images": audit["n_images"], "n_errors": audit["n_errors"]}
-        logger.info("audit of %d images written to %s (%d unreadable)", audit["n_images"], self.output_dir, audit["n_errors"])
+        logger.info(
+            "audit of %d images written to %s (%d unreadable)", audit["n_images"], self.output_dir, audit["n_errors"]
+        )
         return int(audit["n_errors"])
