@@ -13,7 +13,7 @@ Out of site (blood_cbm only): ``bccd_wbc_dev``, single white cells from another 
 no adaptation: balanced accuracy, per-class recall and the predicted-class counts. It is a development
 measurement: nothing is fitted or selected on it.
 
-The black-box baseline is scikit-learn's ``LogisticRegression`` (multinomial, lbfgs) on the same frozen
+The black-box baseline is scikit-learn's ``LogisticRegression`` (multinomial, lbfgs, balanced class weights) on the same frozen
 features, its ``C`` chosen on the same validation split the CBM used (balanced accuracy; AUROC for the
 binary X-ray task). Prints JSON.
 """
@@ -42,7 +42,7 @@ def linear_probe(X, y, Xv, yv, n_classes, grid=(0.01, 0.1, 1.0, 10.0, 100.0)):
 
     best = None
     for c in grid:
-        model = LogisticRegression(C=c, max_iter=5000).fit(X, y)
+        model = LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(X, y)
         proba = model.predict_proba(Xv)
         s = auroc(yv == 1, proba[:, 1]) if n_classes == 2 else balanced_accuracy(yv, proba.argmax(1))
         if best is None or s > best[0]:
@@ -130,7 +130,7 @@ def evaluate(bundle: str, models_dir: str | None = None) -> dict:
     probe_proba = probe.predict_proba(te["X"])
     res = {
         "bundle": bundle,
-        "model": net.model_info,
+        "model": getattr(net, "model_info", None) or {"backbone": f"local-dir:{models / 'backbone'}"},
         "n": {s: int(len(data["splits"][s]["y"])) for s in ("train", "val", "test")},
         "concepts_used": len(net.concepts),
         "concepts_in_bank": bank.num_concepts,
