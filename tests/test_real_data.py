@@ -79,6 +79,7 @@ def test_pretrain_recipe_smoke_writes_loadable_local_dir(tmp_path):
     recipe["dataset_args"] = {"splits": ["train", "val"]}
     recipe["concepts"] = str(REPO / recipe["concepts"])
     recipe["model_cfg"] = copy.deepcopy(TINY_CFG)
+    recipe["train"].pop("init_from", None)  # the recipe fine-tunes a base backbone of another model_cfg
     summary = pretrain_backbone(recipe, tmp_path / "bb", epochs=1, limit=40)
     assert summary["best_epoch"] == 1 and summary["n_train"] == 40
     bk = load_backbone(f"local-dir:{tmp_path / 'bb'}")
