@@ -191,6 +191,8 @@ def test_planted_box_through_the_csv_box_column(tmp_path, monkeypatch):
     assert loc["n"] == 4 and loc["clm_at_1"] == 1.0 and loc["coverage_at_1"] > 0.9 and loc["precision_at_1"] > 0.3
     assert loc["baselines"]["centre"]["coverage_at_1"] < 0.5
     assert "location" in lines[0] and "location" not in lines[3]
+    report = (tmp_path / "right" / "report.html").read_text()
+    assert "Where the concepts come from (boxes)" in report and "1 boxes were not counted" in report
     # the same boxes with x and y swapped lie on the background: the maps must miss them
     swapped = [[n, f"{b[1]} {b[0]} {b[3]} {b[2]}"] for n, b in planted.items()]
     loc_t, _ = run(swapped, "swapped")

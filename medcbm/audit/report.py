@@ -133,7 +133,9 @@ def _f(x: Any, nd: int = 3) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- plots
-def _bar_chart(values: dict[str, float], title: str, xlabel: str, signed: bool = True, height: float | None = None) -> str:
+def _bar_chart(
+    values: dict[str, float], title: str, xlabel: str, signed: bool = True, height: float | None = None
+) -> str:
     plt = _plt()
     items = list(values.items())[::-1]
     n = max(len(items), 1)
@@ -157,7 +159,9 @@ def _deletion_plot(d: dict[str, Any]) -> str:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 3.0))
     x = d["fraction_removed"]
-    ax.plot(x, d["contribution_order"], color="#d0533c", lw=2, label=f"by contribution (area {_f(d['auc_contribution'])})")
+    ax.plot(
+        x, d["contribution_order"], color="#d0533c", lw=2, label=f"by contribution (area {_f(d['auc_contribution'])})"
+    )
     ax.plot(x, d["random_order"], color="#777", lw=2, ls="--", label=f"random order (area {_f(d['auc_random'])})")
     ax.set_xlabel("fraction of concepts removed (set to neutral)", fontsize=9)
     ax.set_ylabel("probability of predicted class", fontsize=9)
@@ -200,10 +204,16 @@ def _overview(audit: dict[str, Any], title: str, meta: dict[str, Any]) -> list[s
         key = audit["global_importance"].get("ranked_by", "weight_spread")
         top = gi[:15]
         vals = {d["concept"]: float(d.get(key) or 0.0) for d in top}
-        label = "mean |contribution| to the predicted class" if key == "mean_abs_contribution" else "spread of head weights"
+        label = (
+            "mean |contribution| to the predicted class" if key == "mean_abs_contribution" else "spread of head weights"
+        )
         out.append("<div class='cardbody'><div>")
-        out.append(f"<img class='plot' alt='global importance' src='{_bar_chart(vals, 'Concepts that move decisions most', label, signed=False)}'>")
-        out.append("</div><div><table><tr><th>concept</th><th>pushes towards</th><th>fits prior</th><th>fits labels</th></tr>")
+        out.append(
+            f"<img class='plot' alt='global importance' src='{_bar_chart(vals, 'Concepts that move decisions most', label, signed=False)}'>"
+        )
+        out.append(
+            "</div><div><table><tr><th>concept</th><th>pushes towards</th><th>fits prior</th><th>fits labels</th></tr>"
+        )
         for d in top:
             cp = d.get("cgim_prior")
             cl = d.get("cgim_labels")
@@ -213,8 +223,10 @@ def _overview(audit: dict[str, Any], title: str, meta: dict[str, Any]) -> list[s
                 f"<tr><td>{_e(d['concept'])}</td><td>{_e(d.get('strongest_class', ''))}</td>"
                 f"<td class='num {cls_p}'>{_f(cp, 2)}</td><td class='num {cls_l}'>{_f(cl, 2)}</td></tr>"
             )
-        out.append("</table><p class='muted'>fits prior / fits labels: CGIM, the correlation (−1 to 1) over classes "
-                   "between the concept's weights and the prior or the label frequency; – = not known.</p></div></div>")
+        out.append(
+            "</table><p class='muted'>fits prior / fits labels: CGIM, the correlation (−1 to 1) over classes "
+            "between the concept's weights and the prior or the label frequency; – = not known.</p></div></div>"
+        )
 
     # disagreement with the prior
     out.append("<h2>2. Where the model disagrees with medical knowledge</h2>")
@@ -254,18 +266,25 @@ def _overview(audit: dict[str, Any], title: str, meta: dict[str, Any]) -> list[s
             out.append(f"<li><b>{_e(cid)}</b>: AUROC {_f(v['auroc'])} [{_f(v['ci_low'])}, {_f(v['ci_high'])}]</li>")
         out.append("</ul>")
     if not dropped and not weak:
-        out.append("<p class='ok'>Every concept the model uses was grounded better than chance when it was fitted"
-                   + (" and on the labelled images here." if ca else ".") + "</p>")
+        out.append(
+            "<p class='ok'>Every concept the model uses was grounded better than chance when it was fitted"
+            + (" and on the labelled images here." if ca else ".")
+            + "</p>"
+        )
 
     # labels
     out.append("<h2>4. Checks against concept labels</h2>")
     if ca:
-        out.append("<div class='cardbody'><div><h3>Can the model see each concept? (AUROC, 95% CI)</h3>"
-                   "<table><tr><th>concept</th><th>n +/−</th><th>AUROC</th><th>95% CI</th><th>&gt; chance</th></tr>")
+        out.append(
+            "<div class='cardbody'><div><h3>Can the model see each concept? (AUROC, 95% CI)</h3>"
+            "<table><tr><th>concept</th><th>n +/−</th><th>AUROC</th><th>95% CI</th><th>&gt; chance</th></tr>"
+        )
         for cid, v in sorted(ca.items(), key=lambda kv: -(kv[1].get("auroc") or 0)):
             if v.get("auroc") is None:
-                out.append(f"<tr><td>{_e(cid)}</td><td>{v['n_positive']}/{v['n_negative']}</td><td colspan=3 class='muted'>"
-                           f"{_e(v.get('reason', ''))}</td></tr>")
+                out.append(
+                    f"<tr><td>{_e(cid)}</td><td>{v['n_positive']}/{v['n_negative']}</td><td colspan=3 class='muted'>"
+                    f"{_e(v.get('reason', ''))}</td></tr>"
+                )
                 continue
             good = "ok" if v["better_than_chance"] else "bad"
             out.append(
@@ -275,22 +294,27 @@ def _overview(audit: dict[str, Any], title: str, meta: dict[str, Any]) -> list[s
         out.append("</table></div><div>")
         cem = audit.get("concept_existence")
         if cem:
-            out.append("<h3>Are the concepts behind each decision really there? (CEM)</h3><table>"
-                       "<tr><th>top-l</th><th>claims confirmed</th><th>annotated present</th><th>images</th></tr>")
+            out.append(
+                "<h3>Are the concepts behind each decision really there? (CEM)</h3><table>"
+                "<tr><th>top-l</th><th>claims confirmed</th><th>annotated present</th><th>images</th></tr>"
+            )
             for l in (1, 3, 5):
                 if f"cem_at_{l}" in cem:
-                    out.append(f"<tr><td>{l}</td><td class='num'>{_f(cem[f'cem_at_{l}'], 2)}</td>"
-                               f"<td class='num'>{_f(cem[f'present_at_{l}'], 2)}</td><td class='num'>{cem[f'n_images_at_{l}']}</td></tr>")
-            out.append("</table><p class='muted'>A concept that counts because it is <i>absent</i> (shown as "
-                       "“not …”) is confirmed by a label saying absent.</p>")
+                    out.append(
+                        f"<tr><td>{l}</td><td class='num'>{_f(cem[f'cem_at_{l}'], 2)}</td>"
+                        f"<td class='num'>{_f(cem[f'present_at_{l}'], 2)}</td><td class='num'>{cem[f'n_images_at_{l}']}</td></tr>"
+                    )
+            out.append(
+                "</table><p class='muted'>A concept that counts because it is <i>absent</i> (shown as "
+                "“not …”) is confirmed by a label saying absent.</p>"
+            )
         out.append("</div></div>")
     else:
-        out.append("<p class='muted'>No concept labels were given (add <code>concept_&lt;id&gt;</code> columns with 1/0 "
-                   "to the input CSV to check them).</p>")
-    loc = audit.get("concept_location")
-    if loc:
-        out.append("<p>Concept location (CLM): " + ", ".join(
-            f"@{a}: {_f(loc.get(f'clm_at_{a}'), 2)}" for a in (1, 3, 6)) + f" over {loc.get('n')} annotated maps.</p>")
+        out.append(
+            "<p class='muted'>No concept labels were given (add <code>concept_&lt;id&gt;</code> columns with 1/0 "
+            "to the input CSV to check them).</p>"
+        )
+    out += _location(audit.get("concept_location"))
 
     # size and faithfulness
     out.append("<h2>5. Explanation size and faithfulness</h2><div class='cardbody'><div>")
@@ -306,12 +330,61 @@ def _overview(audit: dict[str, Any], title: str, meta: dict[str, Any]) -> list[s
     dl = audit.get("deletion")
     if dl and dl.get("n"):
         gap = dl.get("auc_gap") or 0.0
-        verdict = "faithful: removing the top concepts lowers the probability faster than removing random ones" if gap > 0 \
+        verdict = (
+            "faithful: removing the top concepts lowers the probability faster than removing random ones"
+            if gap > 0
             else "not faithful: removing the top concepts does not lower the probability faster than random ones"
+        )
         out.append(f"<p class='{'ok' if gap > 0 else 'bad'}'>Deletion test — {verdict} (area gap {_f(gap)}).</p>")
         out.append("</div><div>")
         out.append(f"<img class='plot' alt='deletion curves' src='{_deletion_plot(dl)}'>")
     out.append("</div></div>")
+    return out
+
+
+def _location(loc: dict[str, Any] | None) -> list[str]:
+    """The concept-location table: CLM / coverage / precision next to the baselines, and per concept."""
+    if not loc:
+        return []
+    if "clm_at_1" not in loc:
+        return [f"<p class='muted'>Concept location: {_e(loc.get('note', 'not computed'))}</p>"]
+    boxes = loc.get("boxes") or {}
+    used = boxes.get("fully_visible", 0) + boxes.get("partly_visible_used", 0)
+    cut = sum(v for k, v in boxes.items() if k.startswith("excluded") or k == "outside_image")
+    out = [
+        "<h3>Where the concepts come from (boxes)</h3>",
+        f"<p>{loc.get('n')} maps (top concepts of {loc.get('n_images_used')} images) checked against {used} annotated "
+        f"boxes; {cut} boxes were not counted because the model's crop does not show at least "
+        f"{_f(loc.get('min_visible'), 2)} of them. <b>Coverage</b>: share of the box among the map's top pixels "
+        "(a random map gets α/12); <b>CLM</b>: the top pixels touch the box at all; <b>precision</b>: share of the "
+        "top pixels inside the box.</p>",
+        "<table><tr><th>α (top α/12 of the image)</th><th>coverage</th><th>CLM</th><th>precision</th>"
+        "<th>random map</th><th>centre map</th><th>other image's map</th></tr>",
+    ]
+    base = loc.get("baselines") or {}
+    for a in (1, 3, 6):
+        cells = "".join(
+            f"<td class='num'>{_f((base.get(b) or {}).get(f'coverage_at_{a}'), 2)}</td>"
+            for b in ("random_smooth", "centre", "shuffled")
+        )
+        out.append(
+            f"<tr><td>{a}</td><td class='num'><b>{_f(loc.get(f'coverage_at_{a}'), 2)}</b></td>"
+            f"<td class='num'>{_f(loc.get(f'clm_at_{a}'), 2)}</td><td class='num'>{_f(loc.get(f'precision_at_{a}'), 2)}"
+            f"</td>{cells}</tr>"
+        )
+    out.append("</table><p class='muted'>Baseline columns are coverage.</p>")
+    per = loc.get("by_concept") or {}
+    if per:
+        out.append(
+            "<details><summary>Per concept</summary><table><tr><th>concept</th><th>maps</th>"
+            "<th>coverage@1</th><th>CLM@1</th></tr>"
+        )
+        for cid, v in sorted(per.items(), key=lambda kv: -(kv[1].get("coverage_at_1") or 0.0)):
+            out.append(
+                f"<tr><td>{_e(cid)}</td><td class='num'>{v.get('n')}</td>"
+                f"<td class='num'>{_f(v.get('coverage_at_1'), 2)}</td><td class='num'>{_f(v.get('clm_at_1'), 2)}</td></tr>"
+            )
+        out.append("</table></details>")
     return out
 
 
@@ -323,30 +396,45 @@ def _card(card: ImageCard) -> list[str]:
         tag = f"<span class='tag {'right' if right else 'wrong'}'>label: {_e(card.label)}</span>"
     shift = ""
     if card.shift_score is not None:
-        shift = f"<span class='tag {'err' if card.shift_flag else ''}'>site shift {_f(card.shift_score, 2)}" + (
-            " (flagged)" if card.shift_flag else "") + "</span>"
-    out.append(f"<div><div class='pred'>{_e(card.prediction)} <span class='muted'>{card.probability:.0%}</span>{tag}{shift}</div>"
-               f"<div class='muted'>{_e(card.image)}</div></div>")
+        shift = (
+            f"<span class='tag {'err' if card.shift_flag else ''}'>site shift {_f(card.shift_score, 2)}"
+            + (" (flagged)" if card.shift_flag else "")
+            + "</span>"
+        )
+    out.append(
+        f"<div><div class='pred'>{_e(card.prediction)} <span class='muted'>{card.probability:.0%}</span>{tag}{shift}</div>"
+        f"<div class='muted'>{_e(card.image)}</div></div>"
+    )
     if card.n_effective is not None:
         out.append(f"<div class='muted'>{card.n_effective} concepts carry 95% of this decision</div>")
     out.append("</div><div class='maps'>")
     if card.picture is not None:
-        out.append(f"<figure><img alt='image' src='{_array_png(card.picture)}'><figcaption>image (model input)</figcaption></figure>")
+        out.append(
+            f"<figure><img alt='image' src='{_array_png(card.picture)}'><figcaption>image (model input)</figcaption></figure>"
+        )
     for title, score, ov in card.maps:
-        out.append(f"<figure><img alt='{_e(title)}' src='{_array_png(ov)}'><figcaption><b>{_e(title)}</b><br>{_e(score)}"
-                   "</figcaption></figure>")
+        out.append(
+            f"<figure><img alt='{_e(title)}' src='{_array_png(ov)}'><figcaption><b>{_e(title)}</b><br>{_e(score)}"
+            "</figcaption></figure>"
+        )
     out.append("</div><div class='cardbody'><div>")
     if card.contributions:
         items = sorted(card.contributions.items(), key=lambda kv: -abs(kv[1]))[:10]
-        out.append(f"<img class='plot' alt='contributions' src='{_bar_chart(dict(items), f'Why {card.prediction}? (bias {card.bias:+.2f})', 'contribution to the logit (blue: for, red: against)')}'>")
+        out.append(
+            f"<img class='plot' alt='contributions' src='{_bar_chart(dict(items), f'Why {card.prediction}? (bias {card.bias:+.2f})', 'contribution to the logit (blue: for, red: against)')}'>"
+        )
     out.append("</div><div>")
     if card.what_if:
-        out.append("<h3>What if…</h3><table><tr><th>change</th><th>prediction</th><th>p</th>"
-                   f"<th>p({_e(card.prediction)})</th></tr>")
+        out.append(
+            "<h3>What if…</h3><table><tr><th>change</th><th>prediction</th><th>p</th>"
+            f"<th>p({_e(card.prediction)})</th></tr>"
+        )
         for w in card.what_if:
             changed = w["prediction"] != card.prediction
-            out.append(f"<tr><td>{_e(w['change'])}</td><td class='{'bad' if changed else ''}'>{_e(w['prediction'])}</td>"
-                       f"<td class='num'>{_f(w['probability'], 2)}</td><td class='num'>{_f(w['p_original'], 2)}</td></tr>")
+            out.append(
+                f"<tr><td>{_e(w['change'])}</td><td class='{'bad' if changed else ''}'>{_e(w['prediction'])}</td>"
+                f"<td class='num'>{_f(w['probability'], 2)}</td><td class='num'>{_f(w['p_original'], 2)}</td></tr>"
+            )
         out.append("</table>")
     out.append("</div></div></div>")
     return out
@@ -356,12 +444,16 @@ def _table(rows: Sequence[dict[str, Any]]) -> list[str]:
     out = ["<table><tr><th>#</th><th>image</th><th>prediction</th><th>p</th><th>label</th><th>top concepts</th></tr>"]
     for i, r in enumerate(rows, 1):
         if r.get("status") == "error":
-            out.append(f"<tr><td>{i}</td><td>{_e(r['image'])}</td><td colspan=4><span class='tag err'>error</span> "
-                       f"{_e(r.get('error', ''))}</td></tr>")
+            out.append(
+                f"<tr><td>{i}</td><td>{_e(r['image'])}</td><td colspan=4><span class='tag err'>error</span> "
+                f"{_e(r.get('error', ''))}</td></tr>"
+            )
             continue
-        out.append(f"<tr><td>{i}</td><td>{_e(r['image'])}</td><td>{_e(r['prediction'])}</td>"
-                   f"<td class='num'>{_f(r['probability'], 2)}</td><td>{_e(r.get('label') or '')}</td>"
-                   f"<td>{_e(', '.join(r.get('top', [])))}</td></tr>")
+        out.append(
+            f"<tr><td>{i}</td><td>{_e(r['image'])}</td><td>{_e(r['prediction'])}</td>"
+            f"<td class='num'>{_f(r['probability'], 2)}</td><td>{_e(r.get('label') or '')}</td>"
+            f"<td>{_e(', '.join(r.get('top', [])))}</td></tr>"
+        )
     out.append("</table>")
     return out
 
@@ -403,8 +495,10 @@ def render_report(
     for c in cards:
         parts += _card(c)
     if len(rows) > len(cards):
-        parts.append(f"<p class='muted'>{len(rows) - len(cards)} more images are listed in the table below and in "
-                     "explanations.jsonl.</p>")
+        parts.append(
+            f"<p class='muted'>{len(rows) - len(cards)} more images are listed in the table below and in "
+            "explanations.jsonl.</p>"
+        )
     parts.append("<h2>7. All images</h2><details open><summary>table of every input</summary>")
     parts += _table(rows)
     parts.append("</details>")
@@ -414,8 +508,10 @@ def render_report(
         for k, v in model.items():
             parts.append(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>")
         parts.append("</table>")
-    parts.append("<p class='muted'>Definitions of every number: docs/auditing.md. Machine-readable results: "
-                 "model_audit.json and explanations.jsonl next to this file.</p>")
+    parts.append(
+        "<p class='muted'>Definitions of every number: docs/auditing.md. Machine-readable results: "
+        "model_audit.json and explanations.jsonl next to this file.</p>"
+    )
     parts.append("</main></body></html>")
     return "\n".join(parts)
 
