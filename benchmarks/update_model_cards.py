@@ -14,6 +14,10 @@ only their contents are rewritten, nothing else in the card is touched. Sources:
   (written by ``configs/train.yaml``).
 - ``backbone_training``: the kept epoch and its validation figure, from ``models/backbone/training_log.json``
   (written by ``python -m medcbm.pretrain``).
+- ``audit_concepts``: concept explanations audited against real concept labels (mean concept AUROC, concepts
+  better than chance, CEM@1/3/5 per label source, concepts the backbone cannot ground), from
+  ``benchmarks/results/audit_concepts_<bundle>.json`` (written by ``benchmarks/audit_concepts.py``) and the
+  dropped concepts of ``models/fit_report.json``.
 
 The ``metadata.json`` description's sentence about what the bundle supports is written from the config files
 that exist in ``configs/``, so it never names a workflow the bundle does not ship. JSON is written with
@@ -39,6 +43,8 @@ __all__ = [
     "render_evaluation",
     "render_fit_report",
     "render_backbone_training",
+    "render_audit_concepts",
+    "AUDIT_RESULTS_DIR",
     "supports_sentence",
     "replace_block",
     "updated_files",
@@ -48,6 +54,14 @@ __all__ = [
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = ("blood_cbm", "cxr_cbm", "derm_cbm")
 DEFAULT_RESULTS = REPO / "benchmarks" / "results" / "evaluate_bundles.json"
+AUDIT_RESULTS_DIR = REPO / "benchmarks" / "results"
+# audit_concepts.py label sets -> what the labels are
+LABEL_SOURCES = {
+    ("blood_cbm", "dataset"): "WBCAtt expert cell attributes",
+    ("cxr_cbm", "dataset"): "NIH findings mapped to concepts (weak, report-mined labels)",
+    ("derm_cbm", "measured"): "ABCD/colour/structure features measured from the image and lesion mask",
+    ("derm_cbm", "expert_structures"): "expert dermoscopic structures (ISIC 2017 feature masks)",
+}
 END = "<!-- END GENERATED -->"
 HELD_OUT = {
     "blood_cbm": "PBC `pbc_wbcatt` test split (250 images, 50 per class)",
@@ -196,6 +210,69 @@ def render_backbone_training(log: dict, path: str) -> str:
     )
 
 
+def render_audit_concepts(bundle: str, r: dict, path: str, fit_report: dict | None = None) -> str:
+    """Concept AUROC, concepts better than chance and CEM@1/3/5 per label source on the held-out split, and the
+    concepts the backbone cannot ground (dropped at fitting; not better than chance on the test labels)."""
+    lines = [_source_line(path), ""]
+    if "error" in r or not r.get("label_sets"):
+        lines.append(f"The audit benchmark did not run on this bundle: {r.get('error', 'no label sets')}.")
+        return "\n".join(lines)
+    lines += [
+        f"Held-out `{r.get('split', 'test')}` split, {r.get('n')} images, concept scores of the shipped model "
+        "against real concept labels (definitions: `docs/auditing.md`). *Better than chance*: the 95% CI of the "
+        "concept's AUROC lies above 0.5. *CEM@l*: of the top-l concepts behind each prediction, the fraction the "
+        'labels confirm (present, or absent for a "not X" claim).',
+        "",
+        "| label source | concepts evaluated | mean concept AUROC | better than chance | CEM@1 | CEM@3 | CEM@5 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    weak: list[str] = []
+    unchecked: list[str] = []
+    for name, s in r["label_sets"].items():
+        ca, cem = s.get("concept_auroc") or {}, s.get("concept_existence") or {}
+        src = LABEL_SOURCES.get((bundle, name), name)
+        lines.append(
+            f"| {src} | {ca.get('n_concepts_evaluated', 0)} | {_fig(ca.get('mean_auroc'))} | "
+            f"{ca.get('n_better_than_chance', 0)} of {ca.get('n_concepts_evaluated', 0)} | {_fig(cem.get('cem_at_1'))} | "
+            f"{_fig(cem.get('cem_at_3'))} | {_fig(cem.get('cem_at_5'))} |"
+        )
+        for cid, v in (ca.get("concepts") or {}).items():
+            if v.get("auroc") is None:
+                unchecked.append(f"`{cid}` ({v.get('n_positive')} positive, {v.get('n_negative')} negative)")
+            elif not v.get("better_than_chance"):
+                weak.append(
+                    f"`{cid}` ({src}: AUROC {_fig(v['auroc'])}, CI {_fig(v['ci_low'])} to {_fig(v['ci_high'])})"
+                )
+    lines.append("")
+    audited_drop = next((s.get("dropped_concepts") for s in r["label_sets"].values() if s.get("dropped_concepts")), {})
+    shipped_drop = (fit_report or {}).get("concepts_dropped", audited_drop) or {}
+    if shipped_drop:
+        lines.append(
+            f"Concepts the default backbone cannot ground — dropped at fitting (`models/fit_report.json`), so the "
+            f"model does not use them ({len(shipped_drop)}): "
+            + "; ".join(f"`{c}` ({why})" for c, why in shipped_drop.items())
+            + "."
+        )
+    else:
+        lines.append("No concept was dropped at fitting (`models/fit_report.json`).")
+    if weak:
+        lines += [
+            "",
+            "Kept concepts whose scores are not better than chance on the held-out labels: " + "; ".join(weak) + ".",
+        ]
+    else:
+        lines += ["", "Every kept concept with enough held-out labels is grounded better than chance."]
+    if unchecked:
+        lines += ["", "Kept concepts too rarely labelled in the held-out split to check: " + "; ".join(unchecked) + "."]
+    if fit_report is not None and set(audited_drop) != set(shipped_drop):
+        lines += [
+            "",
+            "**These audit figures predate the shipped fit** (it drops a different set of concepts); re-run "
+            "`python benchmarks/audit_concepts.py`.",
+        ]
+    return "\n".join(lines)
+
+
 def replace_block(text: str, source: str, body: str, where: str) -> str:
     """Replace the contents of the ``source`` block in ``text``; ``where`` names the file in errors."""
     pattern = re.compile(re.escape(begin(source)) + r"\n.*?" + re.escape(END), re.S)
@@ -246,8 +323,12 @@ def _read_json(path: Path) -> dict:
         raise GeneratedBlockError(f"{path}: not valid JSON ({e})") from e
 
 
-def updated_files(results_path: Path = DEFAULT_RESULTS, repo: Path = REPO) -> dict[Path, tuple[str, str]]:
-    """Every card and metadata file with its current and regenerated text (``{path: (old, new)}``)."""
+def updated_files(
+    results_path: Path = DEFAULT_RESULTS, repo: Path = REPO, audit_dir: Path = AUDIT_RESULTS_DIR
+) -> dict[Path, tuple[str, str]]:
+    """Every card and metadata file with its current and regenerated text (``{path: (old, new)}``).
+
+    ``audit_dir`` holds ``audit_concepts_<bundle>.json`` (default the committed results folder)."""
     results = _read_json(results_path)
     unknown = sorted(set(results) - set(BUNDLES))
     if unknown:
@@ -262,7 +343,11 @@ def updated_files(results_path: Path = DEFAULT_RESULTS, repo: Path = REPO) -> di
             body = render_evaluation(bundle, results[bundle], _rel(results_path))
             text = replace_block(text, "evaluate_bundles", body, str(card))
         fit_path = root / "models" / "fit_report.json"
-        text = replace_block(text, "fit_report", render_fit_report(_read_json(fit_path), _rel(fit_path)), str(card))
+        fit_report = _read_json(fit_path)
+        text = replace_block(text, "fit_report", render_fit_report(fit_report, _rel(fit_path)), str(card))
+        audit_path = audit_dir / f"audit_concepts_{bundle}.json"
+        body = render_audit_concepts(bundle, _read_json(audit_path), _rel(audit_path), fit_report)
+        text = replace_block(text, "audit_concepts", body, str(card))
         log_path = root / "models" / "backbone" / "training_log.json"
         text = replace_block(
             text, "backbone_training", render_backbone_training(_read_json(log_path), _rel(log_path)), str(card)
