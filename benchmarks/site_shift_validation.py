@@ -32,9 +32,11 @@ RECIPES = {"blood_cbm": "blood", "cxr_cbm": "cxr", "derm_cbm": "derm"}
 HEADLINE = {"blood_cbm": None, "cxr_cbm": "auroc_abnormal", "derm_cbm": "auroc_melanoma"}
 
 
-def evaluate(bundle: str, models: Path, seeds: tuple[int, ...] = (101, 102, 103)) -> dict:
+def evaluate(
+    bundle: str, models: Path, seeds: tuple[int, ...] = (101, 102, 103), recipe_file: str | None = None
+) -> dict:
     spec = BUNDLES[bundle]
-    recipe = load_recipe(REPO / "configs" / "pretrain" / f"{RECIPES[bundle]}.yaml")
+    recipe = load_recipe(recipe_file or REPO / "configs" / "pretrain" / f"{RECIPES[bundle]}.yaml")
     bank = load_concept_bank(REPO / "bundles" / bundle / "configs" / "concepts.yaml")
     net = load_bundle_network(models, REPO / "bundles" / bundle / "configs" / "concepts.yaml",
                               channel_mode=spec["channel_mode"])  # fmt: skip
@@ -59,7 +61,9 @@ def evaluate(bundle: str, models: Path, seeds: tuple[int, ...] = (101, 102, 103)
     clean = load_unit_images([r["image"] for r in val], spec["channel_mode"], size).float() / 255.0
     big = load_unit_images([r["image"] for r in val], spec["channel_mode"], load).float() / 255.0
     res = {"models": str(models), "n_val": len(val), "clean": run(clean)}
-    shifted = [run(SiteShiftAugment(recipe["train"]["augment"], size, spec["channel_mode"], seed=s)(big)) for s in seeds]
+    shifted = [
+        run(SiteShiftAugment(recipe["train"]["augment"], size, spec["channel_mode"], seed=s)(big)) for s in seeds
+    ]
     res["shifted_mean"] = {k: float(np.mean([s[k] for s in shifted])) for k in shifted[0]}
     res["shifted"] = shifted
     return res
@@ -69,8 +73,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bundle", required=True, choices=sorted(BUNDLES))
     ap.add_argument("--models-dir", nargs="+", required=True)
+    ap.add_argument(
+        "--recipe", default=None, help="recipe whose train.augment draws the shifts (default: the bundle's)"
+    )
     args = ap.parse_args()
-    print(json.dumps(nan_safe([evaluate(args.bundle, Path(m)) for m in args.models_dir]), indent=2))
+    res = [evaluate(args.bundle, Path(m), recipe_file=args.recipe) for m in args.models_dir]
+    print(json.dumps(nan_safe(res), indent=2))
 
 
 if __name__ == "__main__":
