@@ -13,9 +13,9 @@ Out of site (blood_cbm only): ``bccd_wbc_dev``, single white cells from another 
 no adaptation: balanced accuracy, per-class recall and the predicted-class counts. It is a development
 measurement: nothing is fitted or selected on it.
 
-The black-box baseline is scikit-learn's ``LogisticRegression`` (multinomial, lbfgs, balanced class weights) on the same frozen
-features, its ``C`` chosen on the same validation split the CBM used (balanced accuracy; AUROC for the
-binary X-ray task). Prints JSON.
+The black-box baseline is scikit-learn's ``LogisticRegression`` (multinomial, lbfgs, balanced class
+weights) on the same frozen features, its ``C`` chosen on the same validation split the CBM used
+(balanced accuracy; AUROC for the binary X-ray task). Prints JSON.
 """
 
 from __future__ import annotations
