@@ -155,7 +155,9 @@ def test_rerun_resumes_and_keeps_finished_rows(tmp_path):
     summary = json.loads((out / "run_summary.json").read_text())
     assert len(second) == len(first) and summary["throughput"]["encoded"] == 1
     assert second[0]["probability"] == "0.123456"
-    assert second[-1] == first[-1]
+    # the lost row is recomputed (alone in its batch: float reduction order may move the 6th decimal)
+    assert second[-1]["prediction"] == first[-1]["prediction"]
+    assert float(second[-1]["probability"]) == pytest.approx(float(first[-1]["probability"]), abs=1e-5)
 
 
 @needs_data
