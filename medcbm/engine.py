@@ -105,8 +105,14 @@ class _ReadForEncoder:
                 out["feature"] = feature
                 return out
         try:
-            out["image"] = self.pipeline(path)
-            out["quality"] = image_check(out["image"])
+            steps = [getattr(self.pipeline, n, None) for n in ("loader", "channels", "encoder_input")]
+            if all(steps):  # a ClinicalImagePipeline: keep the raw read for the modality check
+                raw = steps[0](path)
+                out["image"] = steps[2](steps[1](raw))
+                out["quality"] = image_check(out["image"]) or modality_check(raw, steps[1].mode)
+            else:
+                out["image"] = self.pipeline(path)
+                out["quality"] = image_check(out["image"])
         except Exception as e:  # the reader names the file and the reason
             out["error"] = _reason(e, image, path)
         return out
@@ -129,6 +135,31 @@ def image_check(x: torch.Tensor) -> str:
     d = float(((g[:, 1:] - g[:, :-1]) ** 2).mean() + ((g[1:, :] - g[:-1, :]) ** 2).mean())
     if d / (4 * var) > NOISE_RATIO:
         return "noise-like image (no spatial structure)"
+    return ""
+
+
+#: Mean per-pixel channel spread (max - min over R, G, B in [0, 1]). X-ray files are exactly grey (0.0 on every
+#: staged image); stained smears and dermoscopy are coloured (>= 0.02 on every staged image).
+COLOUR_IN_GREY_MODALITY = 0.02
+GREY_IN_COLOUR_MODALITY = 0.005
+
+
+def colourfulness(img: torch.Tensor) -> float:
+    """Mean channel spread of a ``(C, H, W)`` image in [0, 1] (0 for grey or single-channel images)."""
+    t = torch.as_tensor(img).float()
+    if t.ndim != 3 or t.shape[0] < 3:
+        return 0.0
+    return float((t[:3].max(0).values - t[:3].min(0).values).mean())
+
+
+def modality_check(raw: torch.Tensor, channel_mode: str) -> str:
+    """A reason when a file's colour does not fit the modality (a colour photo for an X-ray bundle, a grey
+    image for a dermoscopy or smear bundle), else ``""``."""
+    c = colourfulness(raw)
+    if channel_mode == "grey" and c > COLOUR_IN_GREY_MODALITY:
+        return "colour image for a greyscale modality (wrong modality?)"
+    if channel_mode == "rgb" and c < GREY_IN_COLOUR_MODALITY:
+        return "greyscale image for a colour modality (wrong modality?)"
     return ""
 
 

@@ -329,3 +329,13 @@ def test_an_adaptation_made_for_another_fit_is_refused(toy_bundle_dir, tmp_path)
     stale.write_text(json.dumps({"mask": ["red_area"], "gain": {}, "provenance": {"model_fingerprint": "0" * 64}}))
     with pytest.raises(BundleLoadError, match="another fit"):
         LoadedBundle.load(toy_bundle_dir, adaptation=stale)
+
+
+def test_colour_that_does_not_fit_the_modality_is_flagged():
+    from medcbm.engine import modality_check
+
+    grey = torch.rand(1, 32, 32).repeat(3, 1, 1)
+    colour = torch.rand(3, 32, 32)
+    assert modality_check(grey, "grey") == "" and modality_check(colour, "rgb") == ""
+    assert "colour image" in modality_check(colour, "grey")
+    assert "greyscale image" in modality_check(grey, "rgb")
