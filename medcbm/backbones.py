@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from monai.utils import optional_import
 from safetensors.torch import save_file
 
+from .io.atomic import atomic_write_json
 from .errors import BackboneUnavailableError
 
 open_clip, _has_open_clip = optional_import("open_clip")
@@ -397,5 +398,5 @@ def save_local_dir(
     tmp = folder / "open_clip_model.safetensors.tmp"
     save_file(state, str(tmp))
     tmp.replace(folder / "open_clip_model.safetensors")
-    (folder / "open_clip_config.json").write_text(json.dumps(cfg, indent=2))
+    atomic_write_json(folder / "open_clip_config.json", cfg)  # 4-space pretty JSON (MONAI model zoo)
     return folder

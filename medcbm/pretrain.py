@@ -40,6 +40,7 @@ import yaml
 from .augment import SiteShiftAugment, resize_batch
 from .backbones import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, save_local_dir
 from .concepts import ConceptBank, load_concept_bank
+from .io.atomic import atomic_write_json
 from .metrics import auroc, balanced_accuracy
 
 __all__ = ["pretrain_backbone", "load_recipe", "dataset_records", "records_to_arrays", "load_unit_images"]
@@ -334,7 +335,7 @@ def pretrain_backbone(
         resize_mode=resize_mode,
         extra={"medcbm_pretraining": {k: v for k, v in summary.items() if k != "history"}},
     )
-    (Path(out_dir) / "training_log.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_json(Path(out_dir) / "training_log.json", summary)
     return summary
 
 

@@ -120,7 +120,7 @@ def test_verify_metadata_passes_with_vendored_schema(bundle):
 def test_metadata_fields(bundle):
     meta = _load_meta(bundle)
     assert meta["schema"] == OFFICIAL_SCHEMA_URL
-    assert meta["version"] == "0.1.0"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", meta["version"]) and meta["version"] in meta["changelog"]
     assert meta["version"] in meta["changelog"] and meta["changelog"][meta["version"]].strip()
     assert set(meta["required_packages_version"]) == REQUIRED_PACKAGES
     assert meta["required_packages_version"]["medcbm"] == medcbm.__version__
