@@ -101,16 +101,7 @@ def _reference_records(bundle: str):
     return isic2017_records(splits=("train",))[:600]
 
 
-_KNOWN_GAP = pytest.mark.xfail(
-    reason="measured 2026-12-02: with the shipped derm/cxr backbones, feature kNN alone misses black/white (derm) "
-    "and noise / a blood cell (cxr); needs an image-level check or the retrained backbones",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize(
-    "bundle", ["blood_cbm", pytest.param("derm_cbm", marks=_KNOWN_GAP), pytest.param("cxr_cbm", marks=_KNOWN_GAP)]
-)
+@pytest.mark.parametrize("bundle", ["blood_cbm", "derm_cbm", "cxr_cbm"])  # feature kNN alone, retrained backbones
 def test_shipped_bundles_flag_blank_white_noise_and_foreign_images(tmp_path, bundle):
     from medcbm.datasets.paths import shared_data_root
     from medcbm.features import FeatureCache, default_cache_dir, extract_features
