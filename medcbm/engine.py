@@ -410,7 +410,7 @@ class PredictionEngine:
         if self.shift_detector is not None:
             fn = f.cpu().numpy()
             out["shift_score"] = np.asarray(self.shift_detector.score(fn), dtype=np.float64)
-            out["shift_flag"] = np.asarray(self.shift_detector.flag(fn), dtype=bool)
+            out["shift_flag"] = out["shift_score"] > self.shift_detector.threshold_
         return out
 
     def iter_batches(
