@@ -241,11 +241,22 @@ def backbone_fingerprint(spec: str, pretrained: str | None = None) -> str:
         folder = Path(spec[len(LOCAL_DIR) :])
         for name in ("open_clip_config.json", "open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
             if (folder / name).is_file():
-                parts.append(f"{name}={file_sha256(folder / name)}")
+                digest = _config_sha256(folder / name) if name.endswith(".json") else file_sha256(folder / name)
+                parts.append(f"{name}={digest}")
         parts[0] = LOCAL_DIR  # the same weights in another folder are the same backbone
     elif pretrained and Path(pretrained).is_file():
         parts[1] = f"file={file_sha256(pretrained)}"
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _config_sha256(path: Path) -> str:
+    """sha256 of a JSON config's canonical form: re-indenting the file (the model zoo's pretty-JSON hook)
+    does not make it another backbone; any change of a value does."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return file_sha256(path)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class ImageEncoder(torch.nn.Module):
