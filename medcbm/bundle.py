@@ -175,6 +175,7 @@ class SourceReference:
     backbone_fingerprint: str = ""
     preprocessing_fingerprint: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    shift_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # the fitted site-shift detector
 
     def __post_init__(self) -> None:
         n = len(self.labels)
@@ -202,6 +203,7 @@ class SourceReference:
             "val.scores": torch.as_tensor(self.scores, dtype=torch.float32).contiguous(),
             "val.labels": torch.as_tensor(self.labels, dtype=torch.int64).contiguous(),
             "train.features": torch.as_tensor(self.train_features, dtype=torch.float16).contiguous(),
+            **{k: v.contiguous() for k, v in self.shift_tensors.items()},
         }
         meta = {
             "format_version": REFERENCE_FORMAT_VERSION,
@@ -248,7 +250,19 @@ class SourceReference:
             backbone_fingerprint=meta.get("backbone_fingerprint", ""),
             preprocessing_fingerprint=meta.get("preprocessing_fingerprint", ""),
             extra=meta.get("extra", {}),
+            shift_tensors={k: v for k, v in t.items() if k.startswith("shift.")},
         )
+
+    def site_shift_detector(self) -> Any:
+        """The fitted :class:`~medcbm.adaptation.shift.SiteShiftDetector` stored with this set (fitted on the
+        training features when the file predates it), or ``None`` without training features."""
+        from .adaptation.shift import SiteShiftDetector
+
+        if self.shift_tensors:
+            return SiteShiftDetector.from_tensors(self.shift_tensors)
+        if self.train_features is None or len(self.train_features) == 0:
+            return None
+        return SiteShiftDetector().fit(self.train_features)
 
 
 # ---------------------------------------------------------------------------------------------- the bundle

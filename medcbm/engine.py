@@ -445,14 +445,10 @@ def _bar(total: int, desc: str, enabled: bool):
 
 def _shift_detector(bundle: LoadedBundle) -> Any:
     ref = bundle.reference
-    if ref is None or ref.train_features is None or len(ref.train_features) == 0:
+    if ref is None:
         return None
     try:
-        from .adaptation.shift import SiteShiftDetector
-    except ImportError:
-        return None
-    try:
-        return SiteShiftDetector().fit(ref.train_features)
+        return ref.site_shift_detector()
     except Exception as e:  # a broken reference must not stop inference
         logger.warning("site-shift alarm disabled: %s", e)
         return None

@@ -98,6 +98,9 @@ def test_refit_then_infer(toy_site, with_concepts, mode):
     ref = bundle.reference
     assert ref is not None and ref.scores.shape == (12, 2) and sorted(set(ref.labels.tolist())) == [0, 1]
     assert len(ref.train_features) == 12
+    # the site-shift detector is fitted at training time and stored with the reference set
+    det = ref.site_shift_detector()
+    assert ref.shift_tensors and det.threshold_ > 0 and det.score(ref.features).shape == (12,)
     # a second fit on the same images is served from the feature cache
     again = TrainingRunner(
         bank,

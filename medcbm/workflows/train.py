@@ -250,17 +250,28 @@ class TrainingRunner:
         rng = np.random.default_rng(0)
         n_tr = len(tr["features"])
         pick = np.sort(rng.choice(n_tr, size=min(n_tr, MAX_REFERENCE_TRAIN), replace=False))
+        train_features = tr["features"][pick]
         SourceReference(
             features=va["features"],
             scores=scores,
             labels=np.asarray(va["y"], dtype=np.int64),
-            train_features=tr["features"][pick],
+            train_features=train_features,
             split=f"validation: {self.val.name}",
             concept_ids=fitted.bank.concept_ids,
             class_names=fitted.bank.classes,
             backbone_fingerprint=bk.fingerprint,
             preprocessing_fingerprint=preprocessing.fingerprint(),
+            shift_tensors=_shift_tensors(train_features),
         ).save(self.output_dir / REFERENCE_FILE)
+
+
+def _shift_tensors(train_features: np.ndarray) -> dict[str, Any]:
+    """The site-shift detector fitted once at training time (inference then only loads it)."""
+    from ..adaptation.shift import SiteShiftDetector
+
+    if len(train_features) <= SiteShiftDetector().k:
+        return {}
+    return SiteShiftDetector().fit(train_features).to_tensors()
 
 
 def run_training(train: Any, options: dict[str, Any]) -> dict[str, Any]:
