@@ -14,7 +14,6 @@ for the whole run, and a second run is refused with a clear message (the first r
 from __future__ import annotations
 
 import csv
-import errno
 import fcntl
 import io
 import json
@@ -22,41 +21,15 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
-from .errors import MedcbmUserError, OutputDirError
+from .errors import MedcbmUserError
 
-__all__ = ["OutputLock", "OutputBusyError", "OutputFolderError", "RowJournal", "write_csv_atomic", "STATE_DIR"]
+__all__ = ["OutputLock", "OutputBusyError", "RowJournal", "write_csv_atomic", "iter_ordered", "STATE_DIR"]
 
 STATE_DIR = ".medcbm"
 
 
-class OutputFolderError(OutputDirError):
-    """The output folder cannot be used (a file, read-only, disk full)."""
-
-
 class OutputBusyError(MedcbmUserError, RuntimeError):
     """Another medcbm run holds the output folder."""
-
-
-def prepare_output_dir(path: str | Path) -> Path:
-    """Create ``path`` (and its state folder) or raise :class:`OutputFolderError` with the reason."""
-    p = Path(path)
-    if p.exists() and not p.is_dir():
-        raise OutputFolderError(f"output folder {p} is a file, not a folder; choose another --output_dir")
-    try:
-        (p / STATE_DIR).mkdir(parents=True, exist_ok=True)
-        probe = p / STATE_DIR / f".write-test.{os.getpid()}"
-        probe.write_bytes(b"ok")
-        probe.unlink()
-    except OSError as e:
-        why = (
-            "disk full"
-            if e.errno == errno.ENOSPC
-            else "read-only or no permission"
-            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
-            else (e.strerror or str(e))
-        )
-        raise OutputFolderError(f"cannot write to output folder {p}: {why}") from None
-    return p
 
 
 class OutputLock:

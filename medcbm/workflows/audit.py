@@ -31,8 +31,7 @@ from ..bundle import LoadedBundle
 from ..data import InputListError, InputRecord, list_inputs
 from ..engine import PredictionEngine
 from ..io.atomic import atomic_write_json, atomic_write_text
-from ..sinks import prepare_output_dir
-from .cli import cli_errors
+from .cli import check_output_dir, cli_errors
 from .infer import default_records, top_concepts
 
 __all__ = [
@@ -560,7 +559,7 @@ class AuditRunner:
 
     def _run(self) -> int:
         t0 = time.perf_counter()
-        prepare_output_dir(self.output_dir)
+        check_output_dir(self.output_dir)
         bundle = self.bundle or LoadedBundle.load(self.bundle_root, device=self.device, **self.load_args)
         if self.input is None:
             records = default_records(self.bundle_root, self.modality, self.output_dir)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,9 +28,9 @@ import torch
 from ..bundle import LoadedBundle
 from ..data import InputRecord, list_inputs, make_sample_inputs
 from ..engine import PredictionEngine, dist_rank_world, shard_indices
-from ..sinks import OutputLock, RowJournal, iter_ordered, prepare_output_dir, write_csv_atomic
+from ..sinks import OutputLock, RowJournal, iter_ordered, write_csv_atomic
 from ..io.atomic import atomic_write_json as write_json_atomic
-from .cli import cli_errors
+from .cli import check_output_dir, cli_errors
 
 __all__ = [
     "InferenceRunner",
@@ -98,9 +97,7 @@ def default_records(bundle_root: str | Path, modality: str, output_dir: Path) ->
     return [InputRecord(image=str(p), path=Path(p)) for p in paths]
 
 
-def explain_row(
-    bundle: LoadedBundle, i: int, res: Any, top_k: int, concept_columns: bool
-) -> dict[str, Any]:
+def explain_row(bundle: LoadedBundle, i: int, res: Any, top_k: int, concept_columns: bool) -> dict[str, Any]:
     """One ``ok`` row of ``predictions.csv`` from row ``i`` of a :class:`~medcbm.engine.BatchResult`."""
     proba = res.proba[i]
     c = int(np.argmax(proba))
@@ -177,7 +174,11 @@ class InferenceRunner:
         self.output_dir = Path(output_dir)
         self.input = None if input in (None, "", "None") else input
         self.load_args = dict(
-            models_dir=models_dir, backbone=backbone, pretrained=pretrained, adaptation=adaptation, channel_mode=channel_mode
+            models_dir=models_dir,
+            backbone=backbone,
+            pretrained=pretrained,
+            adaptation=adaptation,
+            channel_mode=channel_mode,
         )
         self.modality = modality
         self.device = torch.device(device)
@@ -208,8 +209,10 @@ class InferenceRunner:
     def _records(self) -> tuple[list[InputRecord], bool]:
         if self.input is None:
             recs = default_records(self.bundle_root, self.modality, self.output_dir)
-            where = "example images shipped with the bundle" if examples_csv(self.bundle_root).is_file() else (
-                "generated sample images"
+            where = (
+                "example images shipped with the bundle"
+                if examples_csv(self.bundle_root).is_file()
+                else ("generated sample images")
             )
             logger.info("no --input given: running on %d %s", len(recs), where)
             return recs, True
@@ -219,7 +222,7 @@ class InferenceRunner:
         rank, world = dist_rank_world()
         lock = None
         if rank == 0:
-            prepare_output_dir(self.output_dir)
+            check_output_dir(self.output_dir)
             lock = OutputLock(self.output_dir)
         lock_error = None
         if lock is not None:
@@ -301,7 +304,9 @@ class InferenceRunner:
             row["sample"] = "true" if is_sample else "false"
             row["label"] = rec.label or ""
             rows[rec.image] = row
-        n = write_csv_atomic(self.output_dir / "predictions.csv", columns, iter_ordered([r.image for r in records], rows))
+        n = write_csv_atomic(
+            self.output_dir / "predictions.csv", columns, iter_ordered([r.image for r in records], rows)
+        )
         n_err = sum(1 for r in records if rows[r.image]["status"] != "ok")
         flagged = sum(1 for r in records if rows[r.image].get("site_shift") == "true")
         n_ok = n - n_err
