@@ -20,6 +20,7 @@ Nothing is patched onto the ``nn.Module``.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -29,11 +30,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 from .backbones import LOCAL_DIR, Backbone, load_backbone
 from .concepts import ConceptBank, load_concept_bank
 from .errors import MedcbmUserError
+from .io.atomic import atomic_write_bytes
 from .grounding import ConceptGrounding, TextGrounding
 from .head import KnowledgePriorHead
 from .networks import CBM_FORMAT_VERSION, ConceptBottleneckClassifier, read_cbm_state
@@ -189,10 +191,10 @@ class SourceReference:
 
     def accuracy(self, network: ConceptBottleneckClassifier) -> float:
         """Accuracy of ``network``'s head (with its current edit) on the reference scores."""
+        device = network.head.weight.device
         with torch.no_grad():
-            s = torch.as_tensor(self.scores, dtype=torch.float32)
-            s = torch.where(network.edit_mask.cpu(), network.neutral.cpu(), s * network.edit_gain.cpu())
-            pred = (s @ network.head.weight.detach().cpu().T + network.head.bias.detach().cpu()).argmax(1).numpy()
+            s = torch.as_tensor(self.scores, dtype=torch.float32, device=device)
+            pred = network.head(network.apply_edit(s)).argmax(1).cpu().numpy()
         return float((pred == self.labels).mean()) if len(self.labels) else float("nan")
 
     def save(self, path: str | Path) -> Path:
@@ -214,11 +216,7 @@ class SourceReference:
             "preprocessing_fingerprint": self.preprocessing_fingerprint,
             "extra": self.extra,
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(tensors, str(tmp), metadata={"medcbm_reference": json.dumps(meta)})
-        tmp.replace(path)
-        return path
+        return atomic_write_bytes(path, save_safetensors(tensors, metadata={"medcbm_reference": json.dumps(meta)}))
 
     @classmethod
     def load(cls, path: str | Path) -> "SourceReference":
@@ -339,7 +337,9 @@ class LoadedBundle:
         if isinstance(bundle_name, dict):
             bundle_name = bundle_name.get("name")
         if bundle_name and bundle_name != self.name:
-            raise BundleLoadError(f"{adaptation}: this adaptation was made for bundle {bundle_name!r}, not {self.name!r}")
+            raise BundleLoadError(
+                f"{adaptation}: this adaptation was made for bundle {bundle_name!r}, not {self.name!r}"
+            )
         made_for = (getattr(spec, "provenance", {}) or {}).get("model_fingerprint")
         if made_for:
             self.network.reset_edit()
@@ -414,7 +414,10 @@ class LoadedBundle:
                 "used; drop the override or re-fit"
             )
         pp = Preprocessing.from_backbone(bk, mode)
-        info: dict[str, Any] = {"backbone": spec if not spec.startswith(LOCAL_DIR) else "local-dir", "models_dir": str(models)}
+        info: dict[str, Any] = {
+            "backbone": spec if not spec.startswith(LOCAL_DIR) else "local-dir",
+            "models_dir": str(models),
+        }
         fitted = state is not None and fit_meta.get("backbone_fingerprint") == bk.fingerprint
         if fitted:
             bad = pp.mismatch(stored_pp)
@@ -463,30 +466,14 @@ class LoadedBundle:
 
 
 def _read_adaptation(path: Path, concept_ids: Sequence[str]) -> Any:
+    from .adaptation.spec import AdaptationSpec
+
     try:
-        from .adaptation.spec import AdaptationSpec
-    except ImportError:  # the typed spec not available: read the contract's two fields
-        AdaptationSpec = None  # type: ignore[assignment]
-    if AdaptationSpec is not None:
-        try:
-            return AdaptationSpec.read(path, concept_ids=list(concept_ids))
-        except FileNotFoundError:
-            raise BundleLoadError(f"adaptation file not found: {path}") from None
-        except ValueError as e:
-            raise BundleLoadError(str(e)) from None
-    try:
-        spec = json.loads(path.read_text())
+        return AdaptationSpec.read(path, concept_ids=list(concept_ids))
     except FileNotFoundError:
         raise BundleLoadError(f"adaptation file not found: {path}") from None
-    except json.JSONDecodeError as e:
-        raise BundleLoadError(f"{path}: not valid JSON ({e})") from e
-
-    class _Spec:
-        mask = spec.get("mask", [])
-        gain = spec.get("gain", {})
-        provenance = spec.get("provenance", {})
-
-    return _Spec
+    except ValueError as e:
+        raise BundleLoadError(str(e)) from None
 
 
 def _zero_shot_network(bk: Backbone, bank: ConceptBank) -> ConceptBottleneckClassifier:
@@ -553,11 +540,9 @@ def write_model_pt(
         k: (v.detach().half() if v.is_floating_point() else v.detach()).contiguous().clone()
         for k, v in net.state_dict().items()
     }
-    path = models / MODEL_PT
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
-    return path
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return atomic_write_bytes(models / MODEL_PT, buf.getvalue())
 
 
 if __name__ == "__main__":  # python -m medcbm.bundle write-model-pt bundles/<name> [MODELS]

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from .data import InputRecord
 from .features import ExtractionResult, FeatureCache
 from .io.errors import FileReasonError
 from .io.files import regular_file_sha256
+from .progress import progress_enabled
 
 __all__ = [
     "FeatureExtractor",
@@ -231,7 +231,7 @@ class FeatureExtractor:
         self.device = torch.device(device)
         self.batch_size = int(batch_size)
         self.num_workers = int(num_workers)
-        self.progress = progress and os.environ.get("MEDCBM_PROGRESS", "1") != "0"
+        self.progress = progress and progress_enabled()
         self.desc = desc
         self.stats: dict[str, Any] = {}
 
@@ -430,7 +430,9 @@ class PredictionEngine:
                         res.shift_flag[j] |= i in res.quality
             yield res
 
-    def extract_features(self, records: Sequence[InputRecord], indices: Sequence[int] | None = None) -> ExtractionResult:
+    def extract_features(
+        self, records: Sequence[InputRecord], indices: Sequence[int] | None = None
+    ) -> ExtractionResult:
         """Features of every readable record (what ``adapt`` and ``audit`` fit on)."""
         return self.extractor.extract(records, indices)
 

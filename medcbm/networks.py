@@ -86,9 +86,12 @@ class ConceptBottleneckClassifier(torch.nn.Module):
 
     def concept_scores_from_features(self, features: torch.Tensor, edited: bool = True) -> torch.Tensor:
         scores = self.grounding(features)
-        if edited:
-            scores = torch.where(self.edit_mask, self.neutral.to(scores.dtype), scores * self.edit_gain)
-        return scores
+        return self.apply_edit(scores) if edited else scores
+
+    def apply_edit(self, scores: torch.Tensor) -> torch.Tensor:
+        """The test-time edit on concept scores ``(B, K)``: masked concepts take their neutral value, the
+        others are scaled by their gain (identity by default)."""
+        return torch.where(self.edit_mask, self.neutral.to(scores.dtype), scores * self.edit_gain)
 
     def concept_scores(self, image: torch.Tensor, edited: bool = True) -> torch.Tensor:
         """Concept scores ``(B, K)``, after the test-time edit unless ``edited=False``."""
