@@ -9,7 +9,6 @@ grounded by text. Images that cannot be read are skipped and listed in ``fit_rep
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
