@@ -17,10 +17,11 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
 
 from .grounding import ConceptGrounding
 from .head import KnowledgePriorHead
+from .io.atomic import atomic_write_bytes
 
 __all__ = ["ConceptBottleneckClassifier", "save_cbm_state", "read_cbm_state", "CBM_FORMAT_VERSION"]
 
@@ -198,11 +199,7 @@ def save_cbm_state(
         concept_ids=network.concepts,
         class_names=network.targets,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    save_file(tensors, str(tmp), metadata={"medcbm": json.dumps(meta)})
-    tmp.replace(path)
-    return path
+    return atomic_write_bytes(path, save_safetensors(tensors, metadata={"medcbm": json.dumps(meta)}))
 
 
 def read_cbm_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
