@@ -19,7 +19,9 @@ scores, seeded with the support set), ``lame`` (on the scored batch, unsupervise
 (few-shot re-fit of the knowledge-prior head on the support scores; needs every class) and
 ``linear_probe`` (logistic regression on the support features; a reference that gives up the bottleneck).
 
-The guard's reference set is the bundle's ``models/reference.safetensors`` when it ships one, else the same
+The guard's reference set is the bundle's ``models/reference.safetensors`` when it ships one (labelled validation
+scores plus the unlabelled training sample, as ``adapt.yaml`` uses it; for ``nih_view_ap`` the PA validation images
+alone, since the training sample mixes views), else the same
 definition rebuilt from the source validation split (recorded in the results). Features come through the
 medcbm feature cache (``$MEDCBM_CACHE``), so a rerun only re-scores. Prints the JSON it writes, and writes the
 docs table between ``<!-- BEGIN GENERATED: adaptation -->`` and ``<!-- END GENERATED -->``.
@@ -165,10 +167,11 @@ class Scored:
             s = bundle.network.concept_scores_from_features(torch.as_tensor(self.X, dtype=torch.float32), edited=False)
         self.S = s.double().numpy()
         self.y = np.array([bundle.bank.class_index(lab) for lab in labels], dtype=np.int64)
+        self.U = None  # unlabelled source scores for the guard (only a bundle's reference set has them)
 
     def subset(self, idx: np.ndarray) -> "Scored":
         out = object.__new__(Scored)
-        out.X, out.S, out.y = self.X[idx], self.S[idx], self.y[idx]
+        out.X, out.S, out.y, out.U = self.X[idx], self.S[idx], self.y[idx], None
         return out
 
 
@@ -212,7 +215,7 @@ def run_methods(bundle: LoadedBundle, sup: Scored, tgt: Scored, src: Scored, ref
     score("none", (tgt.S @ W.T + b).argmax(1), (src.S @ W.T + b).argmax(1), time.perf_counter() - t0)
 
     search = ConceptEditSearch(class_names=bundle.class_names, concept_ids=bundle.concept_ids)
-    search.fit(sup.S, sup.y, W, b, neutral, ref.S, ref.y, mus)
+    search.fit(sup.S, sup.y, W, b, neutral, ref.S, ref.y, mus, unlabelled_reference_scores=ref.U)
     spec = search.spec_
     score(
         "concept_edit",
@@ -334,6 +337,7 @@ def evaluate_bundle(name: str, bundles_dir: Path, cache_dir: Path, ks, draws) ->
         ref.X = bundle.reference.features.astype(np.float64)
         ref.S = bundle.reference.scores.astype(np.float64)
         ref.y = bundle.reference.labels.astype(np.int64)
+        ref.U = bundle.reference.unlabelled_scores(bundle.network)
         ref_source = f"bundle models/reference.safetensors ({bundle.reference.split})"
     else:
         ref = scored(by_split["val"])

@@ -197,6 +197,16 @@ class SourceReference:
             pred = network.head(network.apply_edit(s)).argmax(1).cpu().numpy()
         return float((pred == self.labels).mean()) if len(self.labels) else float("nan")
 
+    def unlabelled_scores(self, network: ConceptBottleneckClassifier) -> np.ndarray:
+        """Unedited concept scores ``(M, K)`` of the training-feature sample (float64; no labels are stored):
+        the source guard checks that an edit leaves their predictions alone."""
+        if len(self.train_features) == 0:
+            return np.zeros((0, len(self.concept_ids)))
+        device = network.head.weight.device
+        with torch.no_grad():
+            f = torch.as_tensor(np.asarray(self.train_features), dtype=torch.float32, device=device)
+            return network.concept_scores_from_features(f, edited=False).double().cpu().numpy()
+
     def save(self, path: str | Path) -> Path:
         """Write atomically to a safetensors file (no pickle)."""
         path = Path(path)

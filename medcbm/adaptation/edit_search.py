@@ -13,11 +13,20 @@ logit). The edit's effect on the margin ``z[y_i] - z[y'_i]`` is exact because th
   below its source level for that class (``mu_t < mu_s``); it gains
   ``(gamma_k - 1) * mean_i a_ik * (W[y_i,k] - W[y'_i,k])`` and is a candidate when that is positive.
 
-Candidates are ranked by their margin gain. How many masks and gains to keep is chosen by leave-one-out
-balanced accuracy on the support set (ties: fewer edits). The **source guard** then adds the chosen edits
-one by one in rank order and rejects any whose cumulative effect lowers accuracy on the source reference
-set by more than ``guard_tolerance`` (0.5 points): it counts the reference images the edits turn from
-correct to wrong, so fixes elsewhere cannot offset them. Every kept or rejected edit carries a reason.
+- **attenuate** ``k`` (``a_k <- g * a_k``, ``g`` in ``attenuation_levels``): a softer mask for a mis-activated
+  concept (over-activated and pushing toward ``y'_i``) whose full mask would also erase the evidence it still
+  carries at this site (e.g. granule colour that separates two classes, only at another threshold).
+
+Selection is greedy forward: each step takes the candidate (one per concept) that most improves the support
+set's balanced accuracy (ties: class-balanced mean log-probability of the true class) and passes the source
+guard; a refused gain is retried at 3/4, 1/2 and 1/4 of its step. How many steps to keep is chosen by
+leave-one-out balanced accuracy on the support set (the whole search re-run without each image; ties: fewer
+edits). The **source guard** rejects any edit whose cumulative effect may cost more than ``guard_tolerance``
+(0.5 points) of source accuracy. It counts *losses*, so fixes elsewhere cannot offset them: labelled reference
+images (source validation) turned from correct to wrong, and unlabelled source training images whose
+prediction changes. The count allowed is the largest whose one-sided 95 % Clopper-Pearson upper bound on the
+loss rate stays within the tolerance, so the promise holds for source images the guard has not seen (with
+fewer than ~600 reference images no loss at all is allowed). Every kept, reduced or rejected edit carries a reason.
 """
 
 from __future__ import annotations
@@ -25,18 +34,32 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
 
 from .spec import AdaptationSpec
 
-__all__ = ["ConceptEditSearch", "ConceptEdit", "edited_scores"]
+__all__ = ["ConceptEditSearch", "ConceptEdit", "edited_scores", "allowed_losses"]
 
 logger = logging.getLogger(__name__)
 
 _EPS = 1e-6
+_GAIN_BACKOFF = (1.0, 0.75, 0.5, 0.25)  # fractions of (gamma - 1) the guard tries, largest first
+
+
+def allowed_losses(n: int, tolerance: float, confidence: float = 0.95) -> int:
+    """Largest number of lost source images out of ``n`` whose one-sided Clopper-Pearson upper bound on the loss
+    rate (at ``confidence``) is at most ``tolerance``; 0 when even no loss cannot show it (small ``n``)."""
+    from scipy.stats import beta
+
+    best = 0
+    for k in range(n):
+        if float(beta.ppf(confidence, k + 1, n - k)) > tolerance:
+            break
+        best = k
+    return best
 
 
 @dataclass(frozen=True)
@@ -48,6 +71,7 @@ class ConceptEdit:
     value: float
     margin_gain: float
     target_class: int  # mask: the class most pushed toward; gain: the class it serves
+    reduced_from: float | None = None  # a gain the source guard cut down from this value
 
 
 def edited_scores(scores: np.ndarray, mask: np.ndarray, gain: np.ndarray, neutral: np.ndarray) -> np.ndarray:
@@ -87,17 +111,19 @@ class ConceptEditSearch:
     """Find a concept mask and gains from a few labelled target images (estimator style).
 
     Args:
-        gamma_max: largest gain factor.
-        guard_tolerance: largest allowed fraction of source reference images the edit turns from correct to wrong
-            (0.005 = 0.5 points; this also bounds the accuracy drop).
-        mask_grid / gain_grid: candidate numbers of masks / gains, chosen by leave-one-out on the support set.
+        gamma_max: largest gain factor of an amplified concept.
+        guard_tolerance: largest allowed source loss rate (0.005 = 0.5 points of accuracy), held at 95 %
+            confidence on the reference images (see the module docstring).
+        max_edits: most concepts one edit may change.
+        attenuation_levels: gains below 1 tried on mis-activated concepts (empty: masks and amplification only).
         class_names / concept_ids: for the reasons and the spec (defaults: ``class<i>`` / ``concept<k>``).
 
     Attributes (after :meth:`fit`):
-        mask_: ``(K,)`` bool; gain_: ``(K,)`` float; edits_: kept :class:`ConceptEdit`; rejected_: list of
-        ``(ConceptEdit, reason)`` refused by the source guard; reasons_: concept id -> text; spec_:
-        :class:`~medcbm.adaptation.spec.AdaptationSpec` (no provenance: the workflow adds it);
-        loo_: leave-one-out table; missing_classes_ / warnings_; fit_seconds_.
+        mask_: ``(K,)`` bool; gain_: ``(K,)`` float; edits_: kept :class:`ConceptEdit`, in the order chosen;
+        rejected_: list of ``(ConceptEdit, reason)`` the source guard refused; reasons_: concept id -> text;
+        spec_: :class:`~medcbm.adaptation.spec.AdaptationSpec` (no provenance: the workflow adds it);
+        loo_: leave-one-out table (balanced accuracy per number of edits); missing_classes_ / warnings_;
+        guard_allowed_losses_; fit_seconds_.
 
     Example::
 
@@ -110,8 +136,8 @@ class ConceptEditSearch:
         self,
         gamma_max: float = 3.0,
         guard_tolerance: float = 0.005,
-        mask_grid: Sequence[int] = (0, 1, 2, 4, 8),
-        gain_grid: Sequence[int] = (0, 1, 2, 4, 8),
+        max_edits: int = 8,
+        attenuation_levels: Sequence[float] = (0.25, 0.5, 0.75),
         class_names: Sequence[str] | None = None,
         concept_ids: Sequence[str] | None = None,
     ):
@@ -119,13 +145,14 @@ class ConceptEditSearch:
             raise ValueError(f"gamma_max must be a finite number >= 1, got {gamma_max}")
         if not (0 <= guard_tolerance < 1):
             raise ValueError(f"guard_tolerance must be in [0, 1), got {guard_tolerance}")
-        for name, grid in (("mask_grid", mask_grid), ("gain_grid", gain_grid)):
-            if not grid or any(int(m) != m or m < 0 for m in grid):
-                raise ValueError(f"{name} must be a non-empty list of counts >= 0, got {grid}")
+        if int(max_edits) != max_edits or max_edits < 0:
+            raise ValueError(f"max_edits must be a count >= 0, got {max_edits}")
+        if any(not (0 < g < 1) for g in attenuation_levels):
+            raise ValueError(f"attenuation_levels must lie strictly between 0 and 1, got {list(attenuation_levels)}")
         self.gamma_max = float(gamma_max)
         self.guard_tolerance = float(guard_tolerance)
-        self.mask_grid = sorted({int(m) for m in mask_grid})
-        self.gain_grid = sorted({int(m) for m in gain_grid})
+        self.max_edits = int(max_edits)
+        self.attenuation_levels = sorted({float(g) for g in attenuation_levels})
         self.class_names = list(class_names) if class_names is not None else None
         self.concept_ids = list(concept_ids) if concept_ids is not None else None
 
@@ -140,6 +167,7 @@ class ConceptEditSearch:
         reference_scores: np.ndarray,
         reference_labels: np.ndarray,
         source_class_means: np.ndarray | None = None,
+        unlabelled_reference_scores: np.ndarray | None = None,
     ) -> "ConceptEditSearch":
         """Search the edit.
 
@@ -152,6 +180,8 @@ class ConceptEditSearch:
                 for the source guard (and the source class means when not given).
             source_class_means: ``(C, K)`` mean source score per class; computed from the reference set
                 when ``None`` (a class absent there falls back to ``neutral``).
+            unlabelled_reference_scores: ``(M, K)`` unedited scores of more source images without labels (the
+                bundle's sample of training images); the guard counts a changed prediction there as a loss.
 
         Raises:
             ValueError: shapes or values that do not fit together, or an empty support set.
@@ -173,6 +203,12 @@ class ConceptEditSearch:
         if R.shape[1] != K or len(R) == 0:
             raise ValueError(f"reference_scores must be (N > 0, {K}), got {R.shape}")
         yr = _as_labels(reference_labels, len(R), C, "reference_labels")
+        if unlabelled_reference_scores is None:
+            U = np.zeros((0, K))
+        else:
+            U = _as_2d(unlabelled_reference_scores, "unlabelled_reference_scores")
+            if U.shape[1] != K:
+                raise ValueError(f"unlabelled_reference_scores has {U.shape[1]} concepts, the head has {K}")
         if source_class_means is None:
             mus = np.tile(n0, (C, 1))
             for c in np.unique(yr):
@@ -199,52 +235,35 @@ class ConceptEditSearch:
         if len(S) < 2:
             self.warnings_.append("only one support image: leave-one-out is impossible, no edit is made")
 
+        # the guard's set: labelled references against their labels, unlabelled ones against their own prediction
+        G = np.vstack([R, U])
+        g_logits = G @ W.T + b
+        g_target = np.concatenate([yr, g_logits[len(R):].argmax(1)]).astype(np.int64)
+        base_ref_correct = int((g_logits[: len(R)].argmax(1) == yr).sum())
+        self.guard_allowed_losses_ = allowed_losses(len(G), self.guard_tolerance)
+        self._guard_ctx = (G, g_target, g_logits, self.guard_allowed_losses_)
+
+        # leave-one-out: the whole search without image i, then i scored after each step of its path
         z = S @ W.T + b
-        zw = z.copy()
-        zw[np.arange(len(y)), y] = -np.inf
-        y2 = zw.argmax(1)  # most-confused wrong class
-        self._prep = self._per_image_terms(S, y, y2)
-
-        # leave-one-out over the grid of (number of masks, number of gains)
-        ref_logits = R @ W.T + b
-        base_ref_correct = int((ref_logits.argmax(1) == yr).sum())
-        allowed_drop = int(math.floor(self.guard_tolerance * len(R) + 1e-9))
-        self._guard_ctx = (R, yr, ref_logits, base_ref_correct, allowed_drop)
-        grid = [(m, g) for m in self.mask_grid for g in self.gain_grid]
-        loo_pred = np.zeros((len(grid), len(S)), dtype=np.int64)
-        for i in range(len(S)):
-            keep = np.ones(len(S), dtype=bool)
-            keep[i] = False
-            masks, gains = self._candidates(keep, y, C, K)
-            admitted, _ = self._guard(self._merge(masks[: max(self.mask_grid)], gains[: max(self.gain_grid)]))
-            am = [e for e in admitted if e.op == "mask"]
-            ag = [e for e in admitted if e.op == "gain"]
-            for j, (m, g) in enumerate(grid):
-                a = self._apply_row(S[i], am[:m] + ag[:g])
-                loo_pred[j, i] = int(np.argmax(W @ a + b))
         before_pred = z.argmax(1)
-        loo_acc = (
-            [_balanced_accuracy(y, loo_pred[j]) for j in range(len(grid))]
-            if len(S) >= 2
-            else [float("nan")] * len(grid)
-        )
-        self.loo_ = [
-            {"n_mask": m, "n_gain": g, "loo_balanced_accuracy": round(a, 4) if a == a else None}
-            for (m, g), a in zip(grid, loo_acc)
-        ]
+        T = self.max_edits
+        loo_pred = np.tile(before_pred, (T + 1, 1))
         if len(S) >= 2:
-            best = max(range(len(grid)), key=lambda j: (round(loo_acc[j], 9), -(grid[j][0] + grid[j][1]), -grid[j][1]))
+            for i in range(len(S)):
+                keep = np.arange(len(S)) != i
+                path, _ = self._path(S[keep], y[keep], C, K)
+                for t in range(T + 1):
+                    loo_pred[t, i] = int(np.argmax(W @ self._apply_row(S[i], path[: min(t, len(path))]) + b))
+            loo_acc = [_balanced_accuracy(y, loo_pred[t]) for t in range(T + 1)]
+            best = max(range(T + 1), key=lambda t: (round(loo_acc[t], 9), -t))
         else:
-            best = grid.index((self.mask_grid[0], self.gain_grid[0]))
-        self.n_mask_, self.n_gain_ = grid[best]
-
-        masks, gains = self._candidates(np.ones(len(S), dtype=bool), y, C, K)
-        admitted, self.rejected_ = self._guard(self._merge(masks[: max(self.mask_grid)], gains[: max(self.gain_grid)]))
-        am = [e for e in admitted if e.op == "mask"][: self.n_mask_]
-        ag = [e for e in admitted if e.op == "gain"][: self.n_gain_]
-        # guard the chosen subset again: an edit admitted after one that is no longer chosen may now harm
-        self.edits_, refused = self._guard(self._merge(am, ag))
-        self.rejected_ += refused
+            loo_acc, best = [float("nan")] * (T + 1), 0
+        self.loo_ = [
+            {"n_edits": t, "loo_balanced_accuracy": round(a, 4) if a == a else None} for t, a in enumerate(loo_acc)
+        ]
+        path, self.rejected_ = self._path(S, y, C, K) if best > 0 else ([], [])
+        self.edits_ = path[:best]
+        self.n_edits_ = len(self.edits_)
         self.mask_ = np.zeros(K, dtype=bool)
         self.gain_ = np.ones(K)
         for e in self.edits_:
@@ -267,20 +286,21 @@ class ConceptEditSearch:
             warnings=list(self.warnings_),
             missing_classes=list(self.missing_classes_),
             method={
-                "name": "concept mask/gain search (METHODS.md section 2)",
+                "name": "concept mask/gain search (METHODS.md section 2): greedy forward selection, "
+                "steps chosen by leave-one-out",
                 "gamma_max": self.gamma_max,
+                "attenuation_levels": self.attenuation_levels,
+                "max_edits": self.max_edits,
                 "guard_tolerance": self.guard_tolerance,
-                "mask_grid": self.mask_grid,
-                "gain_grid": self.gain_grid,
-                "chosen_n_mask": self.n_mask_,
-                "chosen_n_gain": self.n_gain_,
-                "support_loo_balanced_accuracy_before": round(_balanced_accuracy(y, before_pred), 6),
+                "chosen_n_edits": self.n_edits_,
+                "support_loo_balanced_accuracy_before": self.loo_[0]["loo_balanced_accuracy"],
                 "support_loo_balanced_accuracy_after": self.loo_[best]["loo_balanced_accuracy"],
-                "guard_rejected": {
-                    self.concept_ids_[e.index]: reason for e, reason in self.rejected_
-                },
+                "guard_rejected": {self.concept_ids_[e.index]: reason for e, reason in self.rejected_},
                 "n_support": int(len(S)),
                 "n_reference": int(len(R)),
+                "n_unlabelled_reference": int(len(U)),
+                "guard_allowed_losses": int(self.guard_allowed_losses_),
+                "guard_confidence": 0.95,
             },
         )
         self.fit_seconds_ = time.perf_counter() - t0
@@ -300,58 +320,100 @@ class ConceptEditSearch:
         if not hasattr(self, "mask_"):
             raise RuntimeError("this ConceptEditSearch is not fitted yet; call fit() first")
 
-    def _per_image_terms(self, S: np.ndarray, y: np.ndarray, y2: np.ndarray) -> dict[str, np.ndarray]:
+    def _candidates(self, S: np.ndarray, y: np.ndarray, C: int, K: int) -> list[ConceptEdit]:
+        """Mask, attenuation and amplification candidates for the support images ``S`` (rules in the module doc)."""
         W, n0, mus = self._W, self._neutral, self._mus
-        dW = W[y2] - W[y]  # (n, K): weight toward the wrong class minus toward the true one
-        return {
-            "S": S,
-            "mask_gain": (S - n0) * dW,  # margin gained by masking, per image
-            "shift": (S - mus[y]) * dW,  # site shift, in the harmful direction when > 0
-            "over": S - mus[y],  # over-activation versus the source, same classes
-            "amp": -S * dW,  # margin gained per unit of (gamma - 1)
-        }
-
-    def _candidates(
-        self, keep: np.ndarray, y: np.ndarray, C: int, K: int
-    ) -> tuple[list[ConceptEdit], list[ConceptEdit]]:
-        """Mask and gain candidates from the support images in ``keep``, best first."""
-        p = self._prep
-        if keep.sum() == 0:
-            return [], []
-        S, yk = p["S"][keep], y[keep]
-        delta = p["mask_gain"][keep].mean(0)
-        shift = p["shift"][keep].mean(0)
-        over = p["over"][keep].mean(0)
-        masks = [
-            ConceptEdit(k, "mask", 1.0, float(delta[k]), -1)
-            for k in range(K)
-            if delta[k] > _EPS and shift[k] > _EPS and over[k] > _EPS
-        ]
-        masks.sort(key=lambda e: (-e.margin_gain, e.index))
-
-        classes = np.unique(yk)
-        mut = np.full((C, K), np.nan)
-        for c in classes:
-            mut[c] = S[yk == c].mean(0)
-        Wp = self._W[classes]  # only classes seen in the support set can be served
-        best_c = classes[np.argmax(Wp, axis=0)]  # (K,)
-        amp = p["amp"][keep].mean(0)
-        gains = []
+        z = S @ W.T + self._b
+        zw = z.copy()
+        zw[np.arange(len(y)), y] = -np.inf
+        dW = W[zw.argmax(1)] - W[y]  # (n, K): weight toward the most-confused wrong class minus the true one
+        delta = ((S - n0) * dW).mean(0)  # margin gained by masking
+        shift = ((S - mus[y]) * dW).mean(0)  # site shift in the harmful direction when > 0
+        over = (S - mus[y]).mean(0)  # over-activation versus the source, same classes
+        amp = (-S * dW).mean(0)  # margin gained per unit of (gain - 1)
+        out: list[ConceptEdit] = []
+        classes = np.unique(y)
+        best_c = classes[np.argmax(W[classes], axis=0)]  # only classes seen in the support set can be served
         for k in range(K):
+            mis_activated = shift[k] > _EPS and over[k] > _EPS
+            if mis_activated and delta[k] > _EPS:
+                out.append(ConceptEdit(k, "mask", 1.0, float(delta[k]), -1))
+            if mis_activated:
+                for g in self.attenuation_levels:
+                    out.append(ConceptEdit(k, "gain", g, (g - 1.0) * float(amp[k]), -1))
             c = int(best_c[k])
-            w, ms, mt = self._W[c, k], self._mus[c, k], mut[c, k]
-            if w <= 0 or not ms > mt:
-                continue
-            gamma = float(np.clip(ms / max(mt, _EPS), 1.0, self.gamma_max))
-            g = (gamma - 1.0) * float(amp[k])
-            if gamma > 1.0 + _EPS and g > _EPS:
-                gains.append(ConceptEdit(k, "gain", gamma, g, c))
-        gains.sort(key=lambda e: (-e.margin_gain, e.index))
-        return masks, gains
+            ms, mt = mus[c, k], float(S[y == c, k].mean())
+            if W[c, k] > 0 and ms > mt:
+                gamma = float(np.clip(ms / max(mt, _EPS), 1.0, self.gamma_max))
+                if gamma > 1.0 + _EPS:
+                    out.append(ConceptEdit(k, "gain", gamma, (gamma - 1.0) * float(amp[k]), c))
+        return out
 
-    @staticmethod
-    def _merge(masks: list[ConceptEdit], gains: list[ConceptEdit]) -> list[ConceptEdit]:
-        return sorted(masks + gains, key=lambda e: (-e.margin_gain, e.index, e.op))
+    def _objective(self, logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """``(M, 2)`` balanced accuracy and class-balanced mean log-probability of the true class, for ``(M, n, C)``
+        candidate logits."""
+        pred = logits.argmax(2)
+        lp = logits - logits.max(2, keepdims=True)
+        lp = lp - np.log(np.exp(lp).sum(2, keepdims=True))
+        lpy = lp[:, np.arange(len(y)), y]
+        classes = np.unique(y)
+        acc = np.mean([(pred[:, y == c] == c).mean(1) for c in classes], axis=0)
+        ll = np.mean([lpy[:, y == c].mean(1) for c in classes], axis=0)
+        return np.stack([acc, ll], 1)
+
+    def _path(
+        self, S: np.ndarray, y: np.ndarray, C: int, K: int
+    ) -> tuple[list[ConceptEdit], list[tuple[ConceptEdit, str]]]:
+        """Greedy forward selection on ``S``: up to ``max_edits`` edits, each the best on the support objective
+        among those the source guard admits (one edit per concept)."""
+        cands = self._candidates(S, y, C, K)
+        logits = S @ self._W.T + self._b
+        current = self._objective(logits[None], y)[0]
+        guard_logits = self._guard_ctx[2]
+        path: list[ConceptEdit] = []
+        rejected: dict[tuple[int, str, float], tuple[ConceptEdit, str]] = {}
+        used: set[int] = set()
+        for _ in range(self.max_edits):
+            pool = [e for e in cands if e.index not in used]
+            if not pool:
+                break
+            idx = np.array([e.index for e in pool])
+            new = np.stack([self._edit_column(S[:, e.index], e) for e in pool])  # (M, n)
+            trial = logits[None] + (new - S[:, idx].T)[:, :, None] * self._W[:, idx].T[:, None, :]
+            obj = self._objective(trial, y)
+            # an attenuation (a partial mask) is taken only where it does strictly better than the full edits
+            order = sorted(
+                range(len(pool)),
+                key=lambda j: (-round(obj[j, 0], 9), pool[j].op == "gain" and pool[j].value < 1, -obj[j, 1], pool[j].index),
+            )
+            taken = None
+            for j in order:
+                if (round(obj[j, 0], 9), obj[j, 1]) <= (round(current[0], 9), current[1] + _EPS):
+                    break
+                admitted, reason, g_new = self._guard_one(pool[j], guard_logits)
+                if admitted is None:
+                    rejected.setdefault((pool[j].index, pool[j].op, pool[j].value), (pool[j], reason))
+                    continue
+                if admitted.value != pool[j].value:  # cut down by the guard: re-check it still helps the support
+                    col = self._edit_column(S[:, admitted.index], admitted) - S[:, admitted.index]
+                    lg = logits + np.outer(col, self._W[:, admitted.index])
+                    o = self._objective(lg[None], y)[0]
+                    if (round(o[0], 9), o[1]) <= (round(current[0], 9), current[1] + _EPS):
+                        continue
+                taken = (admitted, g_new)
+                break
+            if taken is None:
+                break
+            e, guard_logits = taken
+            col = self._edit_column(S[:, e.index], e) - S[:, e.index]
+            logits = logits + np.outer(col, self._W[:, e.index])
+            current = self._objective(logits[None], y)[0]
+            path.append(e)
+            used.add(e.index)
+        return path, list(rejected.values())
+
+    def _edit_column(self, col: np.ndarray, e: ConceptEdit) -> np.ndarray:
+        return np.full_like(col, self._neutral[e.index]) if e.op == "mask" else col * e.value
 
     def _apply_row(self, a: np.ndarray, edits: list[ConceptEdit]) -> np.ndarray:
         a = a.copy()
@@ -359,56 +421,66 @@ class ConceptEditSearch:
             a[e.index] = self._neutral[e.index] if e.op == "mask" else a[e.index] * e.value
         return a
 
-    def _guard(self, edits: list[ConceptEdit]) -> tuple[list[ConceptEdit], list[tuple[ConceptEdit, str]]]:
-        """Greedy source guard: keep an edit only if, cumulatively, it turns at most ``guard_tolerance`` of the
-        source reference images from correct to wrong.
+    def _guard_one(
+        self, e: ConceptEdit, logits: np.ndarray
+    ) -> tuple[ConceptEdit | None, str, np.ndarray]:
+        """The source guard for one more edit on top of the guard-set ``logits`` of the edits kept so far.
 
         Losses are counted, not the net accuracy change: images an edit happens to fix cannot hide images it
-        breaks, so the bound carries over to other source images (a net check let edits through that lost
-        several points on held-out source data while the reference accuracy stayed level).
+        breaks (a net check let edits through that lost several points on held-out source data while the
+        reference accuracy stayed level). A refused amplification is retried with a smaller step.
+
+        Returns:
+            the admitted edit (possibly with a smaller gain) or ``None``, the refusal reason, the new logits.
         """
-        R, yr, logits0, base_correct, allowed = self._guard_ctx
-        was_correct = logits0.argmax(1) == yr
-        logits = logits0.copy()
-        kept: list[ConceptEdit] = []
-        rejected: list[tuple[ConceptEdit, str]] = []
-        for e in edits:
-            col = R[:, e.index]
-            new = np.full_like(col, self._neutral[e.index]) if e.op == "mask" else col * e.value
-            trial = logits + np.outer(new - col, self._W[:, e.index])
-            lost = int((was_correct & (trial.argmax(1) != yr)).sum())
-            if lost > allowed:
-                rejected.append(
-                    (
-                        e,
-                        f"source guard: this {e.op} would turn {lost} of {len(R)} correctly classified source "
-                        f"reference images wrong ({100.0 * lost / len(R):.1f} points > "
-                        f"{100 * self.guard_tolerance:.1f} allowed)",
-                    )
-                )
-                continue
-            logits = trial
-            kept.append(e)
-        return kept, rejected
+        G, target, logits0, allowed = self._guard_ctx
+        was_correct = logits0.argmax(1) == target
+        col = G[:, e.index]
+        tries = [1.0 + f * (e.value - 1.0) for f in _GAIN_BACKOFF] if e.op == "gain" and e.value > 1 else [e.value]
+        lost_first = None
+        for value in tries:
+            trial_edit = e if value == e.value else replace(e, value=value, reduced_from=e.value,
+                                                            margin_gain=e.margin_gain * (value - 1) / (e.value - 1))
+            trial = logits + np.outer(self._edit_column(col, trial_edit) - col, self._W[:, e.index])
+            lost = int((was_correct & (trial.argmax(1) != target)).sum())
+            lost_first = lost if lost_first is None else lost_first
+            if lost <= allowed:
+                return trial_edit, "", trial
+        what = {"mask": "mask", "gain": "gain"}[e.op] + (f" x{e.value:.3g}" if e.op == "gain" else "")
+        if len(tries) > 1:
+            what += f" (also at x{tries[-1]:.3g})"
+        return (
+            None,
+            f"source guard: this {what} would turn {lost_first} of {len(G)} source reference images wrong or change "
+            f"their prediction (at most {allowed} allowed: {100 * self.guard_tolerance:.1f} points at 95% "
+            "confidence)",
+            logits,
+        )
 
     def _reason(self, e: ConceptEdit, S: np.ndarray, y: np.ndarray) -> str:
         cid, k = self.concept_ids_[e.index], e.index
-        if e.op == "mask":
+        if e.op == "mask" or e.value < 1:
             dW = self._W[:, k][None, :] - self._W[y, k][:, None]  # (n, C)
             pushed = (S[:, k] - self._neutral[k])[:, None] * dW
             pushed[np.arange(len(y)), y] = -np.inf
             toward = np.bincount(pushed.argmax(1), minlength=len(self.class_names_)).argmax()
             ms = float(np.mean(self._mus[y, k]))
             mt = float(S[:, k].mean())
+            what = (
+                f"masked (set to its source mean {self._neutral[k]:.3g})"
+                if e.op == "mask"
+                else f"attenuated x{e.value:.3g} (a partial mask: it still separates classes here, at a lower level)"
+            )
             return (
-                f"masked (set to its source mean {self._neutral[k]:.3g}): '{cid}' is mis-activated at this site "
-                f"(support mean {mt:.3g} vs {ms:.3g} at the source for the same classes) and pushes support images "
-                f"toward '{self.class_names_[toward]}' (mean margin loss {e.margin_gain:.3g} logits)"
+                f"{what}: '{cid}' is mis-activated at this site (support mean {mt:.3g} vs {ms:.3g} at the source for "
+                f"the same classes) and pushes support images toward '{self.class_names_[toward]}' "
+                f"(mean margin gain {e.margin_gain:.3g} logits)"
             )
         c = e.target_class
         mt = float(S[y == c, k].mean())
+        cut = f" (cut from x{e.reduced_from:.3g} by the source guard)" if e.reduced_from is not None else ""
         return (
-            f"amplified x{e.value:.3g}: '{cid}' is evidence for '{self.class_names_[c]}' but under-activated at this "
-            f"site ('{self.class_names_[c]}' support mean {mt:.3g} vs {self._mus[c, k]:.3g} at the source); "
+            f"amplified x{e.value:.3g}{cut}: '{cid}' is evidence for '{self.class_names_[c]}' but under-activated at "
+            f"this site ('{self.class_names_[c]}' support mean {mt:.3g} vs {self._mus[c, k]:.3g} at the source); "
             f"mean margin gain {e.margin_gain:.3g} logits"
         )

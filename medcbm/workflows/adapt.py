@@ -346,18 +346,19 @@ class AdaptationRunner:
         with torch.no_grad():
             f = torch.as_tensor(feats, dtype=torch.float32, device=self.device)
             scores = net.concept_scores_from_features(f, edited=False).double().cpu().numpy()
+        ref = bundle.reference
+        unlabelled = ref.unlabelled_scores(net)
         W = net.head.weight.detach().double().cpu().numpy()
         b = net.head.bias.detach().double().cpu().numpy()
         neutral = net.neutral.detach().double().cpu().numpy()
         mus = getattr(net, "source_class_means", None)
         mus = mus.detach().double().cpu().numpy() if isinstance(mus, torch.Tensor) else None
-        ref = bundle.reference
         search = ConceptEditSearch(
             gamma_max=self.gamma_max,
             guard_tolerance=self.guard_tolerance,
             class_names=bundle.class_names,
             concept_ids=bundle.concept_ids,
-        ).fit(scores, support.labels, W, b, neutral, ref.scores, ref.labels, mus)
+        ).fit(scores, support.labels, W, b, neutral, ref.scores, ref.labels, mus, unlabelled_reference_scores=unlabelled)
         spec = search.spec_
         spec.provenance = {
             "bundle": {"name": bundle.name, "version": bundle.version},
@@ -366,7 +367,11 @@ class AdaptationRunner:
             "support_csv_sha256": support.csv_sha256,
             "support_images": {rec.image: h for rec, h in zip(support.records, hashes)},
             "k_per_class": dict(support.k_per_class),
-            "reference_set": {"split": ref.split, "n": int(len(ref.labels))},
+            "reference_set": {
+                "split": ref.split,
+                "n": int(len(ref.labels)),
+                "n_unlabelled_training_sample": int(len(unlabelled)),
+            },
         }
         spec.validate(bundle.concept_ids)
         self.report = self._report(bundle, support, scores, search, spec, flagged, time.perf_counter() - t0)
