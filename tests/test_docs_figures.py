@@ -113,6 +113,8 @@ ALLOWED = [
     (r"about 1\.7 GB", "download size of the third-party hub weights (large_files.yml)"),
     (r"MONAI-extra-test-data 0\.8\.1 release", "a version"),
     (r"`\[-1\.7923, 2\.1459\]`", "CLIP normalisation range, computed from the published mean/std"),
+    (r"a gain of 0\.25, 0\.5 or 0\.75", "the edit search's attenuation levels (ConceptEditSearch defaults)"),
+    (r"95 % Clopper-Pearson upper bound|\(0\.5 points\)|loss rate at 95 %", "the source guard's rule (settings)"),
 ]
 
 
