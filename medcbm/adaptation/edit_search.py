@@ -384,7 +384,12 @@ class ConceptEditSearch:
             # an attenuation (a partial mask) is taken only where it does strictly better than the full edits
             order = sorted(
                 range(len(pool)),
-                key=lambda j: (-round(obj[j, 0], 9), pool[j].op == "gain" and pool[j].value < 1, -obj[j, 1], pool[j].index),
+                key=lambda j: (
+                    -round(obj[j, 0], 9),
+                    pool[j].op == "gain" and pool[j].value < 1,
+                    -obj[j, 1],
+                    pool[j].index,
+                ),
             )
             taken = None
             for j in order:

@@ -36,6 +36,7 @@ from ..errors import MedcbmUserError
 from ..io.atomic import atomic_write_json
 from ..io.errors import FileReasonError
 from .cli import check_output_dir, cli_errors
+from .job import BundleJob
 
 __all__ = [
     "AdaptationRunner",
@@ -218,7 +219,7 @@ def read_support_set(
     return SupportSet(given, records, labels, k_per_class, missing, _sha256_file(path))
 
 
-class AdaptationRunner:
+class AdaptationRunner(BundleJob):
     """The ``configs/adapt.yaml`` job: support CSV -> ``adaptation.json`` (and ``adaptation_report.json``).
 
     Args:
@@ -256,19 +257,12 @@ class AdaptationRunner:
         exit_on_error: bool = True,
         bundle: LoadedBundle | None = None,
     ) -> None:
-        self.bundle_root = Path(bundle_root)
-        self.output_dir = Path(output_dir)
+        job = (bundle_root, output_dir, device, batch_size, num_workers, progress, exit_on_error, bundle)
+        self._init_job(*job, models_dir=models_dir)
         self.support = support
-        self.models_dir = models_dir
-        self.device = torch.device(device)
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
         self.cache_dir = cache_dir
         self.gamma_max = float(gamma_max)
         self.guard_tolerance = float(guard_tolerance)
-        self.progress = progress
-        self.exit_on_error = exit_on_error
-        self.bundle = bundle
         self.report: dict[str, Any] = {}
 
     def run(self) -> AdaptationSpec:
@@ -278,7 +272,7 @@ class AdaptationRunner:
 
     # ------------------------------------------------------------------ steps
     def _load(self) -> LoadedBundle:
-        bundle = self.bundle or LoadedBundle.load(self.bundle_root, models_dir=self.models_dir, device=self.device)
+        bundle = self.load_bundle()
         if bundle.info.get("fit") != "trained":
             raise NoReferenceSetError(
                 f"{bundle.models_dir}: {bundle.name} is not fitted for its backbone (zero-shot head); adapt a "
@@ -358,7 +352,9 @@ class AdaptationRunner:
             guard_tolerance=self.guard_tolerance,
             class_names=bundle.class_names,
             concept_ids=bundle.concept_ids,
-        ).fit(scores, support.labels, W, b, neutral, ref.scores, ref.labels, mus, unlabelled_reference_scores=unlabelled)
+        ).fit(
+            scores, support.labels, W, b, neutral, ref.scores, ref.labels, mus, unlabelled_reference_scores=unlabelled
+        )
         spec = search.spec_
         spec.provenance = {
             "bundle": {"name": bundle.name, "version": bundle.version},

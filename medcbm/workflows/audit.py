@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -31,7 +30,8 @@ from ..bundle import LoadedBundle
 from ..data import InputListError, InputRecord, list_inputs
 from ..engine import PredictionEngine
 from ..io.atomic import atomic_write_json, atomic_write_text
-from .cli import check_output_dir, cli_errors
+from .cli import check_output_dir
+from .job import BundleJob
 from .infer import default_records, top_concepts
 
 __all__ = [
@@ -480,7 +480,7 @@ def summary_rows(entries: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-class AuditRunner:
+class AuditRunner(BundleJob):
     """The ``configs/audit.yaml`` job: writes ``report.html``, ``explanations.jsonl``, ``model_audit.json``.
 
     Args:
@@ -522,45 +522,27 @@ class AuditRunner:
         exit_on_error: bool = True,
         bundle: LoadedBundle | None = None,
     ) -> None:
-        self.bundle_root = Path(bundle_root)
-        self.output_dir = Path(output_dir)
+        job = (bundle_root, output_dir, device, batch_size, num_workers, progress, exit_on_error, bundle)
+        self._init_job(*job, models_dir=models_dir, backbone=backbone, pretrained=pretrained, adaptation=adaptation,
+                       channel_mode=channel_mode)  # fmt: skip
         self.input = None if input in (None, "", "None") else input
-        self.load_args = dict(
-            models_dir=models_dir,
-            backbone=backbone,
-            pretrained=pretrained,
-            adaptation=adaptation,
-            channel_mode=channel_mode,
-        )
         self.modality = modality
-        self.device = torch.device(device)
-        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
         self.top_k, self.max_cards, self.maps_per_image = int(top_k), int(max_cards), int(maps_per_image)
         self.map_method = map_method
         self.what_if = what_if
         self.location_concepts, self.min_box_visible = int(location_concepts), float(min_box_visible)
-        self.progress = progress
-        self.exit_on_error = exit_on_error
-        self.bundle = bundle
         self.summary: dict[str, Any] = {}
 
     def run(self) -> int:
         """Audit every input; returns the number of unreadable inputs (CLI: exit 1 if any, 2 on a bad command)."""
-        with cli_errors(exit=self.exit_on_error):
-            n_err = self._run()
-        if n_err and self.exit_on_error:
-            print(
-                f"medcbm: {n_err} of {self.summary.get('n_images', '?')} inputs could not be read; see "
-                f"{self.output_dir / 'explanations.jsonl'}",
-                file=sys.stderr,
-            )
-            sys.exit(1)
-        return n_err
+        return self._run_counting_errors(
+            "could not be read", lambda: self.summary.get("n_images", "?"), str(self.output_dir / "explanations.jsonl")
+        )
 
     def _run(self) -> int:
         t0 = time.perf_counter()
         check_output_dir(self.output_dir)
-        bundle = self.bundle or LoadedBundle.load(self.bundle_root, device=self.device, **self.load_args)
+        bundle = self.load_bundle()
         if self.input is None:
             records = default_records(self.bundle_root, self.modality, self.output_dir)
             source = "examples"

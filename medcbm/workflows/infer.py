@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,7 +29,8 @@ from ..data import InputRecord, list_inputs, make_sample_inputs
 from ..engine import PredictionEngine, dist_rank_world, shard_indices
 from ..sinks import OutputLock, RowJournal, iter_ordered, write_csv_atomic
 from ..io.atomic import atomic_write_json as write_json_atomic
-from .cli import check_output_dir, cli_errors
+from .cli import check_output_dir
+from .job import BundleJob
 
 __all__ = [
     "InferenceRunner",
@@ -130,7 +130,7 @@ def explain_row(bundle: LoadedBundle, i: int, res: Any, top_k: int, concept_colu
     return row
 
 
-class InferenceRunner:
+class InferenceRunner(BundleJob):
     """Runs a bundle over a folder or CSV of images and writes ``predictions.csv`` and ``run_summary.json``.
 
     Args:
@@ -170,41 +170,21 @@ class InferenceRunner:
         exit_on_error: bool = True,
         bundle: LoadedBundle | None = None,
     ) -> None:
-        self.bundle_root = Path(bundle_root)
-        self.output_dir = Path(output_dir)
+        job = (bundle_root, output_dir, device, batch_size, num_workers, progress, exit_on_error, bundle)
+        self._init_job(*job, models_dir=models_dir, backbone=backbone, pretrained=pretrained, adaptation=adaptation,
+                       channel_mode=channel_mode)  # fmt: skip
         self.input = None if input in (None, "", "None") else input
-        self.load_args = dict(
-            models_dir=models_dir,
-            backbone=backbone,
-            pretrained=pretrained,
-            adaptation=adaptation,
-            channel_mode=channel_mode,
-        )
         self.modality = modality
-        self.device = torch.device(device)
-        self.batch_size = int(batch_size)
-        self.num_workers = int(num_workers)
         self.top_k = int(top_k)
         self.concept_columns = bool(concept_columns)
         self.cache_dir = cache_dir
-        self.progress = progress
-        self.exit_on_error = exit_on_error
-        self.bundle = bundle
         self.summary: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ the job
     def run(self) -> int:
         """Process every input; returns the number of error rows (CLI: exits 1 if any, 2 on a bad command)."""
-        with cli_errors(exit=self.exit_on_error):
-            n_err = self._run()
-        if n_err and self.exit_on_error:
-            print(
-                f"medcbm: {n_err} of {self.summary.get('rows', '?')} inputs failed; see the 'error' column of "
-                f"{self.output_dir / 'predictions.csv'}",
-                file=sys.stderr,
-            )
-            sys.exit(1)
-        return n_err
+        where = f"the 'error' column of {self.output_dir / 'predictions.csv'}"
+        return self._run_counting_errors("failed", lambda: self.summary.get("rows", "?"), where)
 
     def _records(self) -> tuple[list[InputRecord], bool]:
         if self.input is None:
@@ -245,7 +225,7 @@ class InferenceRunner:
 
     def _run_locked(self, rank: int, world: int) -> int:
         t0 = time.perf_counter()
-        bundle = self.bundle or LoadedBundle.load(self.bundle_root, device=self.device, **self.load_args)
+        bundle = self.load_bundle()
         records, is_sample = self._records()
         columns = prediction_columns(bundle.class_names, bundle.concept_ids if self.concept_columns else ())
         fp = hashlib.sha256(json.dumps([bundle.fingerprint(), columns, self.top_k]).encode()).hexdigest()
