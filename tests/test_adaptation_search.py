@@ -57,6 +57,8 @@ def test_planted_confounder_is_masked():
     spec = s.spec_
     assert spec.mask == ["confounder"] and spec.gain == {}
     assert "mis-activated" in spec.reasons["confounder"] and "toward 'b'" in spec.reasons["confounder"]
+    fixed = int((((S @ W.T + b).argmax(1) != ys) & (s.predict(S) == ys)).sum())
+    assert fixed > 0 and f"fixing {fixed} and breaking 0" in spec.reasons["confounder"]
     before = ((T @ W.T + b).argmax(1) == yt).mean()
     assert before < 0.75 and (s.predict(T) == yt).mean() > 0.95
     assert spec.source_accuracy_after >= spec.source_accuracy_before - 0.005

@@ -462,13 +462,36 @@ class ConceptEditSearch:
             logits,
         )
 
+    def _effect(self, e: ConceptEdit, S: np.ndarray, y: np.ndarray) -> tuple[str, int]:
+        """This edit alone on the support images: a phrase (mean margin change, images fixed/broken) and the wrong
+        class whose lead over the true class it cuts most often (-1 if none)."""
+        k = e.index
+        new = self._edit_column(S[:, k], e)
+        z0 = S @ self._W.T + self._b
+        z1 = z0 + np.outer(new - S[:, k], self._W[:, k])
+
+        def margin(z: np.ndarray) -> np.ndarray:
+            zw = z.copy()
+            zw[np.arange(len(y)), y] = -np.inf
+            return z[np.arange(len(y)), y] - zw.max(1)
+
+        fixed = int(((z0.argmax(1) != y) & (z1.argmax(1) == y)).sum())
+        broken = int(((z0.argmax(1) == y) & (z1.argmax(1) != y)).sum())
+        d = (new - S[:, k])[:, None] * (self._W[:, k][None, :] - self._W[y, k][:, None])  # (n, C) wrong-class lead
+        d[np.arange(len(y)), y] = np.inf
+        cut = d.min(1) < -_EPS
+        toward = int(np.bincount(d.argmin(1)[cut], minlength=len(self.class_names_)).argmax()) if cut.any() else -1
+        change = float((margin(z1) - margin(z0)).mean())
+        phrase = (
+            f"on the support images alone it changes the true-class margin by {change:+.3g} logits on average, "
+            f"fixing {fixed} and breaking {broken}"
+        )
+        return phrase, toward
+
     def _reason(self, e: ConceptEdit, S: np.ndarray, y: np.ndarray) -> str:
         cid, k = self.concept_ids_[e.index], e.index
+        effect, toward = self._effect(e, S, y)
         if e.op == "mask" or e.value < 1:
-            dW = self._W[:, k][None, :] - self._W[y, k][:, None]  # (n, C)
-            pushed = (S[:, k] - self._neutral[k])[:, None] * dW
-            pushed[np.arange(len(y)), y] = -np.inf
-            toward = np.bincount(pushed.argmax(1), minlength=len(self.class_names_)).argmax()
             ms = float(np.mean(self._mus[y, k]))
             mt = float(S[:, k].mean())
             what = (
@@ -476,10 +499,10 @@ class ConceptEditSearch:
                 if e.op == "mask"
                 else f"attenuated x{e.value:.3g} (a partial mask: it still separates classes here, at a lower level)"
             )
+            push = f" and pushes support images toward '{self.class_names_[toward]}'" if toward >= 0 else ""
             return (
                 f"{what}: '{cid}' is mis-activated at this site (support mean {mt:.3g} vs {ms:.3g} at the source for "
-                f"the same classes) and pushes support images toward '{self.class_names_[toward]}' "
-                f"(mean margin gain {e.margin_gain:.3g} logits)"
+                f"the same classes){push}; {effect}"
             )
         c = e.target_class
         mt = float(S[y == c, k].mean())
@@ -487,5 +510,5 @@ class ConceptEditSearch:
         return (
             f"amplified x{e.value:.3g}{cut}: '{cid}' is evidence for '{self.class_names_[c]}' but under-activated at "
             f"this site ('{self.class_names_[c]}' support mean {mt:.3g} vs {self._mus[c, k]:.3g} at the source); "
-            f"mean margin gain {e.margin_gain:.3g} logits"
+            f"{effect}"
         )
