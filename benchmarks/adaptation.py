@@ -206,6 +206,9 @@ def run_methods(bundle: LoadedBundle, sup: Scored, tgt: Scored, src: Scored, ref
     def score(name, pred_t, pred_s, seconds, **extra):
         out[name] = {
             "target_balanced_accuracy": balanced_accuracy(tgt.y, pred_t),
+            "target_recall": {
+                bundle.class_names[c]: float((pred_t[tgt.y == c] == c).mean()) for c in np.unique(tgt.y)
+            },
             "source_accuracy": float((pred_s == src.y).mean()),
             "seconds": seconds,
             **extra,
@@ -297,6 +300,11 @@ def evaluate_scenario(bundle, target: Scored, src: Scored, ref: Scored, ks, draw
                 "target_balanced_accuracy": _stats([d["target_balanced_accuracy"] for d in done]),
                 "source_accuracy_after": _stats([d["source_accuracy"] for d in done]),
                 "max_source_drop_points": round(100 * max(src_before - d["source_accuracy"] for d in done), 2),
+                "target_recall_mean": {
+                    c: round(float(np.mean([d["target_recall"][c] for d in done if c in d["target_recall"]])), 4)
+                    for c in bundle.class_names
+                    if any(c in d["target_recall"] for d in done)
+                },
                 "seconds": _stats([d["seconds"] for d in done]),
             }
             if len(done) < len(runs):
