@@ -88,15 +88,20 @@ def test_no_site_effect_means_no_edit():
     assert s.spec_.mask == [] and s.spec_.gain == {} and s.spec_.reasons == {}
 
 
-def test_source_guard_refuses_a_harmful_edit():
-    W, b, neutral, R, yr, S, ys, _, _ = _setting()
-    # The same target site as above (masking the confounder helps there), but at the source class b is
-    # recognised by the confounder alone: masking it would call source b images a.
+def _source_needing_the_confounder(R, yr):
+    """A source where class b is recognised by the confounder alone: masking it would call source b images a."""
     R2 = R.copy()
     R2[yr == 1, 1] = 0.1
     R2[yr == 1, 3] += 0.6
     neutral2 = R2.mean(0)
     neutral2[3] = 0.2  # masked, the confounder drops to the level of the other classes
+    return R2, neutral2
+
+
+def test_source_guard_refuses_a_harmful_edit():
+    W, b, neutral, R, yr, S, ys, _, _ = _setting()
+    # the same target site as above (masking the confounder helps there), but a source that needs it
+    R2, neutral2 = _source_needing_the_confounder(R, yr)
     s = _search().fit(S, ys, W, b, neutral2, R2, yr)
     assert not s.mask_[3]
     rejected = {s.concept_ids_[e.index]: reason for e, reason in s.rejected_}
@@ -180,11 +185,7 @@ def test_a_refused_gain_is_cut_down_not_dropped():
 
 def test_attenuation_is_taken_where_the_full_mask_is_refused():
     W, b, neutral, R, yr, S, ys, T, yt = _setting()
-    R2 = R.copy()
-    R2[yr == 1, 1] = 0.1
-    R2[yr == 1, 3] += 0.6
-    neutral2 = R2.mean(0)
-    neutral2[3] = 0.2
+    R2, neutral2 = _source_needing_the_confounder(R, yr)
     s = _search().fit(S, ys, W, b, neutral2, R2, yr)
     assert not s.mask_[3] and 0 < s.gain_[3] < 1
     assert "attenuated" in s.spec_.reasons["confounder"]
