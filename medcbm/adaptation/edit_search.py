@@ -102,6 +102,12 @@ def _as_labels(y: Any, n: int, n_classes: int, name: str) -> np.ndarray:
     return a.astype(np.int64)
 
 
+def _improves(obj: np.ndarray, current: np.ndarray) -> bool:
+    """Whether a (balanced accuracy, mean log-probability) pair beats ``current``: higher accuracy, or equal
+    accuracy and a log-probability higher by more than noise."""
+    return (round(obj[0], 9), obj[1]) > (round(current[0], 9), current[1] + _EPS)
+
+
 def _balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
     classes = np.unique(y)
     return float(np.mean([(pred[y == c] == c).mean() for c in classes])) if len(classes) else float("nan")
@@ -393,37 +399,38 @@ class ConceptEditSearch:
             )
             taken = None
             for j in order:
-                if (round(obj[j, 0], 9), obj[j, 1]) <= (round(current[0], 9), current[1] + _EPS):
+                if not _improves(obj[j], current):
                     break
                 admitted, reason, g_new = self._guard_one(pool[j], guard_logits)
                 if admitted is None:
                     rejected.setdefault((pool[j].index, pool[j].op, pool[j].value), (pool[j], reason))
                     continue
-                if admitted.value != pool[j].value:  # cut down by the guard: re-check it still helps the support
-                    col = self._edit_column(S[:, admitted.index], admitted) - S[:, admitted.index]
-                    lg = logits + np.outer(col, self._W[:, admitted.index])
-                    o = self._objective(lg[None], y)[0]
-                    if (round(o[0], 9), o[1]) <= (round(current[0], 9), current[1] + _EPS):
-                        continue
-                taken = (admitted, g_new)
+                after = self._with_edit(logits, S, admitted)
+                if admitted.value != pool[j].value and not _improves(self._objective(after[None], y)[0], current):
+                    continue  # cut down by the guard, it no longer helps the support
+                taken = (admitted, g_new, after)
                 break
             if taken is None:
                 break
-            e, guard_logits = taken
-            col = self._edit_column(S[:, e.index], e) - S[:, e.index]
-            logits = logits + np.outer(col, self._W[:, e.index])
+            e, guard_logits, logits = taken
             current = self._objective(logits[None], y)[0]
             path.append(e)
             used.add(e.index)
         return path, list(rejected.values())
 
     def _edit_column(self, col: np.ndarray, e: ConceptEdit) -> np.ndarray:
+        """Concept ``e.index``'s scores ``col`` after the edit ``e`` (the one definition of what an edit does)."""
         return np.full_like(col, self._neutral[e.index]) if e.op == "mask" else col * e.value
+
+    def _with_edit(self, logits: np.ndarray, scores: np.ndarray, e: ConceptEdit) -> np.ndarray:
+        """``logits`` of the rows ``scores`` with the edit ``e`` added (exact: the head is linear)."""
+        col = scores[:, e.index]
+        return logits + np.outer(self._edit_column(col, e) - col, self._W[:, e.index])
 
     def _apply_row(self, a: np.ndarray, edits: list[ConceptEdit]) -> np.ndarray:
         a = a.copy()
         for e in edits:
-            a[e.index] = self._neutral[e.index] if e.op == "mask" else a[e.index] * e.value
+            a[e.index] = self._edit_column(a[e.index : e.index + 1], e)[0]
         return a
 
     def _guard_one(
@@ -440,18 +447,17 @@ class ConceptEditSearch:
         """
         G, target, logits0, allowed = self._guard_ctx
         was_correct = logits0.argmax(1) == target
-        col = G[:, e.index]
         tries = [1.0 + f * (e.value - 1.0) for f in _GAIN_BACKOFF] if e.op == "gain" and e.value > 1 else [e.value]
         lost_first = None
         for value in tries:
             trial_edit = e if value == e.value else replace(e, value=value, reduced_from=e.value,
                                                             margin_gain=e.margin_gain * (value - 1) / (e.value - 1))
-            trial = logits + np.outer(self._edit_column(col, trial_edit) - col, self._W[:, e.index])
+            trial = self._with_edit(logits, G, trial_edit)
             lost = int((was_correct & (trial.argmax(1) != target)).sum())
             lost_first = lost if lost_first is None else lost_first
             if lost <= allowed:
                 return trial_edit, "", trial
-        what = {"mask": "mask", "gain": "gain"}[e.op] + (f" x{e.value:.3g}" if e.op == "gain" else "")
+        what = e.op + (f" x{e.value:.3g}" if e.op == "gain" else "")
         if len(tries) > 1:
             what += f" (also at x{tries[-1]:.3g})"
         return (
@@ -468,7 +474,7 @@ class ConceptEditSearch:
         k = e.index
         new = self._edit_column(S[:, k], e)
         z0 = S @ self._W.T + self._b
-        z1 = z0 + np.outer(new - S[:, k], self._W[:, k])
+        z1 = self._with_edit(z0, S, e)
 
         def margin(z: np.ndarray) -> np.ndarray:
             zw = z.copy()
