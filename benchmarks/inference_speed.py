@@ -34,7 +34,6 @@ import torch
 from common import BUNDLES, REPO
 
 from medcbm.bundle import LoadedBundle
-from medcbm.data import list_inputs
 from medcbm.pretrain import dataset_records
 
 SIZES = (1000, 10000)

@@ -22,7 +22,6 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .backbones import file_sha256
 
 __all__ = ["FeatureCache", "ExtractionResult", "extract_features", "default_cache_dir"]
 

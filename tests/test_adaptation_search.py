@@ -88,6 +88,43 @@ def test_no_site_effect_means_no_edit():
     assert s.spec_.mask == [] and s.spec_.gain == {} and s.spec_.reasons == {}
 
 
+def _weak_c_setting(k):
+    """Class c rests on 'weak_c' alone, which this site shows at a third of its source level: the support
+    images are still all right (nothing for leave-one-out accuracy to gain), a tenth of the site's c cells
+    are not."""
+    W, b, neutral, R, yr, S, ys, T, yt = _setting(confound=0.0, weak_c=0.3, k=k)
+    W[2, 2] = 0.0
+    b = -W @ np.full(K, 0.3)
+    b[2] -= 0.4
+    return W, b, neutral, R, yr, S, ys, T, yt
+
+
+def test_a_leave_one_out_tie_keeps_the_single_best_edit():
+    W, b, neutral, R, yr, S, ys, T, yt = _weak_c_setting(k=4)
+    s = _search().fit(S, ys, W, b, neutral, R, yr)
+    assert s.spec_.support_accuracy_before == 1.0 and {x["loo_balanced_accuracy"] for x in s.loo_} == {1.0}
+    assert s.spec_.mask == [] and list(s.spec_.gain) == ["weak_c"]
+    assert s.spec_.method["chosen_by"].startswith("leave-one-out tie")
+    before, after = ((T @ W.T + b).argmax(1) == yt).mean(), (s.predict(T) == yt).mean()
+    assert before < 0.95 and after > before + 0.05
+    assert s.spec_.source_accuracy_after >= s.spec_.source_accuracy_before - 0.005
+    # one image per class: holding it out removes its class, leave-one-out tests nothing, no edit is kept
+    W, b, neutral, R, yr, S, ys, T, yt = _weak_c_setting(k=1)
+    one = _search().fit(S, ys, W, b, neutral, R, yr)
+    assert one.spec_.gain == {} and one.spec_.method["chosen_by"] == "leave-one-out"
+
+
+def test_a_shift_within_noise_proposes_nothing():
+    """min_shift_z: a support mean within two source standard errors of its source level is not a candidate."""
+    W, b, neutral, R, yr, S, ys, _, _ = _setting(confound=0.0, weak_c=1.0)
+    strict = _search().fit(S, ys, W, b, neutral, R, yr)
+    loose = ConceptEditSearch(class_names=CLASSES, concept_ids=IDS, min_shift_z=0.0).fit(S, ys, W, b, neutral, R, yr)
+    assert strict._candidates(S, ys, C, K) == [] and strict.spec_.gain == {} and not strict.mask_.any()
+    assert loose._candidates(S, ys, C, K) != []
+    with pytest.raises(ValueError, match="min_shift_z"):
+        ConceptEditSearch(min_shift_z=-1.0)
+
+
 def _source_needing_the_confounder(R, yr):
     """A source where class b is recognised by the confounder alone: masking it would call source b images a."""
     R2 = R.copy()

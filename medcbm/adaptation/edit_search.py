@@ -17,16 +17,19 @@ logit). The edit's effect on the margin ``z[y_i] - z[y'_i]`` is exact because th
   concept (over-activated and pushing toward ``y'_i``) whose full mask would also erase the evidence it still
   carries at this site (e.g. granule colour that separates two classes, only at another threshold).
 
-Selection is greedy forward: each step takes the candidate (one per concept) that most improves the support
-set's balanced accuracy (ties: class-balanced mean log-probability of the true class) and passes the source
-guard; a refused gain is retried at 3/4, 1/2 and 1/4 of its step. How many steps to keep is chosen by
-leave-one-out balanced accuracy on the support set (the whole search re-run without each image; ties: fewer
-edits). The **source guard** rejects any edit whose cumulative effect may cost more than ``guard_tolerance``
-(0.5 points) of source accuracy. It counts *losses*, so fixes elsewhere cannot offset them: labelled reference
-images (source validation) turned from correct to wrong, and unlabelled source training images whose
-prediction changes. The count allowed is the largest whose one-sided 95 % Clopper-Pearson upper bound on the
-loss rate stays within the tolerance, so the promise holds for source images the guard has not seen (with
-fewer than ~600 reference images no loss at all is allowed). Every kept, reduced or rejected edit carries a reason.
+Selection is greedy forward: each step takes the candidate (one per concept) that most improves the support set's
+balanced accuracy (ties: class-balanced mean log-probability of the true class) and passes the source guard; a
+refused gain is retried at 3/4, 1/2 and 1/4 of its step. How many steps to keep is chosen by leave-one-out balanced
+accuracy on the support set (the whole search re-run without each image; ties: fewer edits, except that a tie
+between none and one keeps the single best edit when every class has two support images: on a dozen images accuracy
+moves in coarse steps, and support images that are already right cannot show an edit's worth). Candidates need a
+shift of ``min_shift_z`` source standard errors of a support mean, so with no site effect nothing is proposed. The
+**source guard** rejects any edit whose cumulative effect may cost more than ``guard_tolerance`` (0.5 points) of
+source accuracy. It counts *losses*, so fixes elsewhere cannot offset them: labelled reference images (source
+validation) turned from correct to wrong, and unlabelled source training images whose prediction changes. The count
+allowed is the largest whose one-sided 95 % Clopper-Pearson upper bound on the loss rate stays within the tolerance,
+so the promise holds for source images the guard has not seen (with fewer than ~600 reference images no loss at all
+is allowed). Every kept, reduced or rejected edit carries a reason.
 """
 
 from __future__ import annotations
@@ -122,6 +125,9 @@ class ConceptEditSearch:
             confidence on the reference images (see the module docstring).
         max_edits: most concepts one edit may change.
         attenuation_levels: gains below 1 tried on mis-activated concepts (empty: masks and amplification only).
+        min_shift_z: how far (in source standard errors of a support mean) a concept must sit above (mask,
+            attenuate) or below (amplify) its source level to be a candidate; with no site effect the support
+            means stay within noise of the source and nothing is proposed.
         class_names / concept_ids: for the reasons and the spec (defaults: ``class<i>`` / ``concept<k>``).
 
     Attributes (after :meth:`fit`):
@@ -144,6 +150,7 @@ class ConceptEditSearch:
         guard_tolerance: float = 0.005,
         max_edits: int = 8,
         attenuation_levels: Sequence[float] = (0.25, 0.5, 0.75),
+        min_shift_z: float = 2.0,
         class_names: Sequence[str] | None = None,
         concept_ids: Sequence[str] | None = None,
     ):
@@ -158,7 +165,10 @@ class ConceptEditSearch:
         self.gamma_max = float(gamma_max)
         self.guard_tolerance = float(guard_tolerance)
         self.max_edits = int(max_edits)
+        if not (math.isfinite(min_shift_z) and min_shift_z >= 0):
+            raise ValueError(f"min_shift_z must be a finite number >= 0, got {min_shift_z}")
         self.attenuation_levels = sorted({float(g) for g in attenuation_levels})
+        self.min_shift_z = float(min_shift_z)
         self.class_names = list(class_names) if class_names is not None else None
         self.concept_ids = list(concept_ids) if concept_ids is not None else None
 
@@ -230,6 +240,12 @@ class ConceptEditSearch:
                 f"{len(self.class_names_)} class names / {len(self.concept_ids_)} concept ids for a head of {(C, K)}"
             )
         self._W, self._b, self._neutral, self._mus = W, b, n0, mus
+        # per-class source spread, for the shift evidence of a candidate (a support mean vs the source mean)
+        sds = np.tile(R.std(0), (C, 1))
+        for c in np.unique(yr):
+            if (yr == c).sum() >= 2:
+                sds[c] = R[yr == c].std(0, ddof=1)
+        self._sds = np.maximum(sds, _EPS)
 
         present = np.unique(y)
         self.missing_classes_ = [self.class_names_[c] for c in range(C) if c not in set(present.tolist())]
@@ -267,7 +283,15 @@ class ConceptEditSearch:
         self.loo_ = [
             {"n_edits": t, "loo_balanced_accuracy": round(a, 4) if a == a else None} for t, a in enumerate(loo_acc)
         ]
-        path, self.rejected_ = self._path(S, y, C, K) if best > 0 else ([], [])
+        path, self.rejected_ = self._path(S, y, C, K)
+        # a tie is no evidence against the support set's best edit: keep that one edit, where leave-one-out can
+        # test at all (every class seen twice; with one image, holding it out removes its class)
+        self.chosen_by_ = "leave-one-out"
+        counts = np.bincount(y, minlength=C)[present]
+        if best == 0 and path and counts.min() >= 2 and round(loo_acc[1], 9) >= round(loo_acc[0], 9):
+            best, self.chosen_by_ = 1, "leave-one-out tie: the single best support edit"
+        if best == 0:
+            self.rejected_ = []
         self.edits_ = path[:best]
         self.n_edits_ = len(self.edits_)
         self.mask_ = np.zeros(K, dtype=bool)
@@ -296,9 +320,11 @@ class ConceptEditSearch:
                 "steps chosen by leave-one-out",
                 "gamma_max": self.gamma_max,
                 "attenuation_levels": self.attenuation_levels,
+                "min_shift_z": self.min_shift_z,
                 "max_edits": self.max_edits,
                 "guard_tolerance": self.guard_tolerance,
                 "chosen_n_edits": self.n_edits_,
+                "chosen_by": self.chosen_by_,
                 "support_loo_balanced_accuracy_before": self.loo_[0]["loo_balanced_accuracy"],
                 "support_loo_balanced_accuracy_after": self.loo_[best]["loo_balanced_accuracy"],
                 "guard_rejected": {self.concept_ids_[e.index]: reason for e, reason in self.rejected_},
@@ -337,11 +363,12 @@ class ConceptEditSearch:
         shift = ((S - mus[y]) * dW).mean(0)  # site shift in the harmful direction when > 0
         over = (S - mus[y]).mean(0)  # over-activation versus the source, same classes
         amp = (-S * dW).mean(0)  # margin gained per unit of (gain - 1)
+        se_over = np.sqrt((self._sds[y] ** 2).mean(0) / len(y))  # standard error of ``over`` with no site effect
         out: list[ConceptEdit] = []
         classes = np.unique(y)
         best_c = classes[np.argmax(W[classes], axis=0)]  # only classes seen in the support set can be served
         for k in range(K):
-            mis_activated = shift[k] > _EPS and over[k] > _EPS
+            mis_activated = shift[k] > _EPS and over[k] > _EPS and over[k] >= self.min_shift_z * se_over[k]
             if mis_activated and delta[k] > _EPS:
                 out.append(ConceptEdit(k, "mask", 1.0, float(delta[k]), -1))
             if mis_activated:
@@ -349,7 +376,8 @@ class ConceptEditSearch:
                     out.append(ConceptEdit(k, "gain", g, (g - 1.0) * float(amp[k]), -1))
             c = int(best_c[k])
             ms, mt = mus[c, k], float(S[y == c, k].mean())
-            if W[c, k] > 0 and ms > mt:
+            se = self._sds[c, k] / math.sqrt(int((y == c).sum()))
+            if W[c, k] > 0 and ms - mt >= max(self.min_shift_z * se, _EPS):
                 gamma = float(np.clip(ms / max(mt, _EPS), 1.0, self.gamma_max))
                 if gamma > 1.0 + _EPS:
                     out.append(ConceptEdit(k, "gain", gamma, (gamma - 1.0) * float(amp[k]), c))

@@ -183,7 +183,10 @@ class ShiftSummary:
 
 
 def summarize_shift(
-    scores: np.ndarray, detector: SiteShiftDetector, alarm_fraction: float = 0.25, adapt_hint: str = "configs/adapt.yaml"
+    scores: np.ndarray,
+    detector: SiteShiftDetector,
+    alarm_fraction: float = 0.25,
+    adapt_hint: str = "configs/adapt.yaml",
 ) -> ShiftSummary:
     """Summarise a folder's scores: fraction flagged, median score vs the reference's, and a one-line verdict.
 
