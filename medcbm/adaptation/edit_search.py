@@ -367,6 +367,11 @@ class ConceptEditSearch:
         out: list[ConceptEdit] = []
         classes = np.unique(y)
         best_c = classes[np.argmax(W[classes], axis=0)]  # only classes seen in the support set can be served
+        # per concept, the support mean of the class it serves and that mean's standard error with no site effect
+        class_means = {int(c): S[y == c].mean(0) for c in classes}
+        counts = np.bincount(y, minlength=C)
+        served_mean = np.array([class_means[int(c)][k] for k, c in enumerate(best_c)])
+        se_served = self._sds[best_c, np.arange(K)] / np.sqrt(counts[best_c])
         for k in range(K):
             mis_activated = shift[k] > _EPS and over[k] > _EPS and over[k] >= self.min_shift_z * se_over[k]
             if mis_activated and delta[k] > _EPS:
@@ -375,9 +380,8 @@ class ConceptEditSearch:
                 for g in self.attenuation_levels:
                     out.append(ConceptEdit(k, "gain", g, (g - 1.0) * float(amp[k]), -1))
             c = int(best_c[k])
-            ms, mt = mus[c, k], float(S[y == c, k].mean())
-            se = self._sds[c, k] / math.sqrt(int((y == c).sum()))
-            if W[c, k] > 0 and ms - mt >= max(self.min_shift_z * se, _EPS):
+            ms, mt = mus[c, k], float(served_mean[k])
+            if W[c, k] > 0 and ms - mt >= max(self.min_shift_z * se_served[k], _EPS):
                 gamma = float(np.clip(ms / max(mt, _EPS), 1.0, self.gamma_max))
                 if gamma > 1.0 + _EPS:
                     out.append(ConceptEdit(k, "gain", gamma, (gamma - 1.0) * float(amp[k]), c))
