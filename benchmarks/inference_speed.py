@@ -1,7 +1,8 @@
 # Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
 """Inference throughput and memory of the prediction engine on real images (CPU). Prints JSON.
 
-    python benchmarks/inference_speed.py [--bundle blood_cbm] [--threads 2] [--out benchmarks/results/inference_speed.json]
+    python benchmarks/inference_speed.py [--bundle blood_cbm] [--threads 2]
+        [--out benchmarks/results/inference_speed.json]
 
 Measured, per bundle, on held-out real images (``../shared/data``):
 
@@ -237,9 +238,13 @@ def main() -> None:
             result["bundles"][name] = entry
             print(json.dumps({name: entry}), file=sys.stderr)
         if args.scale:
-            result["scaling_blood_cbm"] = scaling("blood_cbm", _images("blood_cbm", "train"), tmp, args.batch_size, args.workers)
+            result["scaling_blood_cbm"] = scaling(
+                "blood_cbm", _images("blood_cbm", "train"), tmp, args.batch_size, args.workers
+            )
         if args.torchrun:
-            result["torchrun_blood_cbm"] = torchrun_compare("blood_cbm", _images("blood_cbm", "test"), tmp, args.batch_size)
+            result["torchrun_blood_cbm"] = torchrun_compare(
+                "blood_cbm", _images("blood_cbm", "test"), tmp, args.batch_size
+            )
     result["peak_rss_mb_this_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     text = json.dumps(result, indent=2)
     print(text)

@@ -77,7 +77,9 @@ def _fit_square_concept(visual: torch.nn.Module) -> ConceptBottleneckClassifier:
     w = lr.coef_ / sd
     b = lr.intercept_ - (w * mu).sum(1)
     g = ProbeGrounding(torch.tensor(w, dtype=torch.float32), torch.tensor(b, dtype=torch.float32))
-    return ConceptBottleneckClassifier(enc, g, np.array([[1.0], [-1.0]]), np.zeros(2), ["bright_square"], ["a", "b"]).eval()
+    return ConceptBottleneckClassifier(
+        enc, g, np.array([[1.0], [-1.0]]), np.zeros(2), ["bright_square"], ["a", "b"]
+    ).eval()
 
 
 def _clm(net, method: str) -> dict:

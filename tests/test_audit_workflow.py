@@ -63,7 +63,9 @@ def audited(tmp_path_factory):
     finally:
         logger.removeHandler(handler)
     lines = [json.loads(x) for x in (out / "explanations.jsonl").read_text().splitlines()]
-    return {"out": out, "n_err": n_err, "lines": lines, "log": "\n".join(records), "bundle": bundle, "n_imgs": len(imgs)}
+    return {
+        "out": out, "n_err": n_err, "lines": lines, "log": "\n".join(records), "bundle": bundle, "n_imgs": len(imgs)
+    }
 
 
 def test_contract_files_and_exact_sums(audited):

@@ -212,7 +212,8 @@ def test_bundle_json_is_pretty_4_space(path):
     if text != pretty and path.name in PENDING_WRITERS:
         pytest.xfail(
             f"{path.name} (written by {PENDING_WRITERS[path.name]}) predates the 4-space writer; reformatting it "
-            "would change the backbone fingerprint (a content hash) and stale every fit, so it waits for the next retrain"
+            "would change the backbone fingerprint (a content hash) and stale every fit, "
+            "so it waits for the next retrain"
         )
     assert text == pretty, (
         f"{path.relative_to(REPO)} is not 4-space pretty JSON with a final newline (the model zoo's "

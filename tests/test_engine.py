@@ -201,7 +201,8 @@ def test_loaded_bundle_checks_preprocessing_and_format_version(toy_bundle_dir, t
     net = LoadedBundle.load(toy_bundle_dir, models_dir=models).network
 
     def rewrite(**changes):
-        m = {k: v for k, v in meta.items() if k not in ("format_version", "grounding_mode", "concept_ids", "class_names")}
+        dropped = ("format_version", "grounding_mode", "concept_ids", "class_names")
+        m = {k: v for k, v in meta.items() if k not in dropped}
         m.update(changes)
         save_cbm_state(models / "cbm.safetensors", net, m, text_embeddings=tensors.get("text_embeddings"))
 
@@ -323,7 +324,9 @@ def test_blank_and_noise_inputs_are_flagged_without_a_reference_set(toy_bundle_d
 def test_an_adaptation_made_for_another_fit_is_refused(toy_bundle_dir, tmp_path):
     bundle = LoadedBundle.load(toy_bundle_dir)
     ok = tmp_path / "ok.json"
-    ok.write_text(json.dumps({"mask": ["red_area"], "gain": {}, "provenance": {"model_fingerprint": bundle.fingerprint()}}))
+    ok.write_text(
+        json.dumps({"mask": ["red_area"], "gain": {}, "provenance": {"model_fingerprint": bundle.fingerprint()}})
+    )
     assert LoadedBundle.load(toy_bundle_dir, adaptation=ok).network.edit_mask.tolist() == [True, False]
     stale = tmp_path / "stale.json"
     stale.write_text(json.dumps({"mask": ["red_area"], "gain": {}, "provenance": {"model_fingerprint": "0" * 64}}))

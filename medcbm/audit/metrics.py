@@ -402,21 +402,21 @@ def concept_existence(
             "whose direction (present if score >= neutral, else absent) the label confirms"
         )
     }
-    for l in ls:
+    for top_l in ls:
         conf, pres, used = [], [], 0
         for i in range(N):
             cand = np.flatnonzero(~np.isnan(L[i]) & (Cn[i] > 0))
             if cand.size == 0:
                 continue
-            top = cand[np.argsort(-Cn[i, cand], kind="stable")][: int(l)]
+            top = cand[np.argsort(-Cn[i, cand], kind="stable")][: int(top_l)]
             claims_present = S[i, top] >= nu[top]
             lab = L[i, top] > 0.5
             conf.append(float(np.mean(claims_present == lab)))
             pres.append(float(np.mean(lab)))
             used += 1
-        out[f"cem_at_{l}"] = _r(float(np.mean(conf))) if conf else None
-        out[f"present_at_{l}"] = _r(float(np.mean(pres))) if pres else None
-        out[f"n_images_at_{l}"] = used
+        out[f"cem_at_{top_l}"] = _r(float(np.mean(conf))) if conf else None
+        out[f"present_at_{top_l}"] = _r(float(np.mean(pres))) if pres else None
+        out[f"n_images_at_{top_l}"] = used
     return out
 
 

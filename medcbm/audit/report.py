@@ -24,7 +24,8 @@ _CSS = """
 body{font-family:-apple-system,Segoe UI,Roboto,Helvetica,Arial,sans-serif;margin:0;background:#f4f6f8;color:#1d2733;
  font-size:15px;line-height:1.45}
 main{max-width:1180px;margin:0 auto;padding:24px}
-h1{font-size:26px;margin:0 0 4px} h2{font-size:20px;margin:28px 0 10px;border-bottom:2px solid #d5dde5;padding-bottom:4px}
+h1{font-size:26px;margin:0 0 4px} h2{font-size:20px;margin:28px 0 10px;\
+border-bottom:2px solid #d5dde5;padding-bottom:4px}
 h3{font-size:16px;margin:0 0 8px}
 .sub{color:#5a6978;margin:0 0 16px}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(320px,1fr));gap:14px}
@@ -209,7 +210,8 @@ def _overview(audit: dict[str, Any], title: str, meta: dict[str, Any]) -> list[s
         )
         out.append("<div class='cardbody'><div>")
         out.append(
-            f"<img class='plot' alt='global importance' src='{_bar_chart(vals, 'Concepts that move decisions most', label, signed=False)}'>"
+            "<img class='plot' alt='global importance' src='"
+            f"{_bar_chart(vals, 'Concepts that move decisions most', label, signed=False)}'>"
         )
         out.append(
             "</div><div><table><tr><th>concept</th><th>pushes towards</th><th>fits prior</th><th>fits labels</th></tr>"
@@ -232,7 +234,8 @@ def _overview(audit: dict[str, Any], title: str, meta: dict[str, Any]) -> list[s
     out.append("<h2>2. Where the model disagrees with medical knowledge</h2>")
     if pa:
         out.append(
-            f"<p>The prior states {pa.get('n_prior_pairs')} concept–class expectations; the model's weights agree in sign "
+            f"<p>The prior states {pa.get('n_prior_pairs')} concept–class expectations; "
+            "the model's weights agree in sign "
             f"with {pa.get('n_agree')} ({_f(pa.get('sign_agreement'), 2)}), cosine {_f(pa.get('cosine'), 2)}.</p>"
         )
         contra = pa.get("contradictions", [])
@@ -288,8 +291,10 @@ def _overview(audit: dict[str, Any], title: str, meta: dict[str, Any]) -> list[s
                 continue
             good = "ok" if v["better_than_chance"] else "bad"
             out.append(
-                f"<tr><td>{_e(cid)}</td><td>{v['n_positive']}/{v['n_negative']}</td><td class='num'>{_f(v['auroc'])}</td>"
-                f"<td class='num'>{_f(v['ci_low'])}–{_f(v['ci_high'])}</td><td class='{good}'>{_f(v['better_than_chance'])}</td></tr>"
+                f"<tr><td>{_e(cid)}</td><td>{v['n_positive']}/{v['n_negative']}</td>"
+                f"<td class='num'>{_f(v['auroc'])}</td>"
+                f"<td class='num'>{_f(v['ci_low'])}–{_f(v['ci_high'])}</td>"
+                f"<td class='{good}'>{_f(v['better_than_chance'])}</td></tr>"
             )
         out.append("</table></div><div>")
         cem = audit.get("concept_existence")
@@ -298,11 +303,12 @@ def _overview(audit: dict[str, Any], title: str, meta: dict[str, Any]) -> list[s
                 "<h3>Are the concepts behind each decision really there? (CEM)</h3><table>"
                 "<tr><th>top-l</th><th>claims confirmed</th><th>annotated present</th><th>images</th></tr>"
             )
-            for l in (1, 3, 5):
-                if f"cem_at_{l}" in cem:
+            for top_l in (1, 3, 5):
+                if f"cem_at_{top_l}" in cem:
                     out.append(
-                        f"<tr><td>{l}</td><td class='num'>{_f(cem[f'cem_at_{l}'], 2)}</td>"
-                        f"<td class='num'>{_f(cem[f'present_at_{l}'], 2)}</td><td class='num'>{cem[f'n_images_at_{l}']}</td></tr>"
+                        f"<tr><td>{top_l}</td><td class='num'>{_f(cem[f'cem_at_{top_l}'], 2)}</td>"
+                        f"<td class='num'>{_f(cem[f'present_at_{top_l}'], 2)}</td>"
+                        f"<td class='num'>{cem[f'n_images_at_{top_l}']}</td></tr>"
                     )
             out.append(
                 "</table><p class='muted'>A concept that counts because it is <i>absent</i> (shown as "
@@ -382,7 +388,8 @@ def _location(loc: dict[str, Any] | None) -> list[str]:
         for cid, v in sorted(per.items(), key=lambda kv: -(kv[1].get("coverage_at_1") or 0.0)):
             out.append(
                 f"<tr><td>{_e(cid)}</td><td class='num'>{v.get('n')}</td>"
-                f"<td class='num'>{_f(v.get('coverage_at_1'), 2)}</td><td class='num'>{_f(v.get('clm_at_1'), 2)}</td></tr>"
+                f"<td class='num'>{_f(v.get('coverage_at_1'), 2)}</td>"
+                f"<td class='num'>{_f(v.get('clm_at_1'), 2)}</td></tr>"
             )
         out.append("</table></details>")
     return out
@@ -402,7 +409,8 @@ def _card(card: ImageCard) -> list[str]:
             + "</span>"
         )
     out.append(
-        f"<div><div class='pred'>{_e(card.prediction)} <span class='muted'>{card.probability:.0%}</span>{tag}{shift}</div>"
+        f"<div><div class='pred'>{_e(card.prediction)} "
+        f"<span class='muted'>{card.probability:.0%}</span>{tag}{shift}</div>"
         f"<div class='muted'>{_e(card.image)}</div></div>"
     )
     if card.n_effective is not None:
@@ -410,7 +418,8 @@ def _card(card: ImageCard) -> list[str]:
     out.append("</div><div class='maps'>")
     if card.picture is not None:
         out.append(
-            f"<figure><img alt='image' src='{_array_png(card.picture)}'><figcaption>image (model input)</figcaption></figure>"
+            f"<figure><img alt='image' src='{_array_png(card.picture)}'>"
+            "<figcaption>image (model input)</figcaption></figure>"
         )
     for title, score, ov in card.maps:
         out.append(
@@ -420,9 +429,12 @@ def _card(card: ImageCard) -> list[str]:
     out.append("</div><div class='cardbody'><div>")
     if card.contributions:
         items = sorted(card.contributions.items(), key=lambda kv: -abs(kv[1]))[:10]
-        out.append(
-            f"<img class='plot' alt='contributions' src='{_bar_chart(dict(items), f'Why {card.prediction}? (bias {card.bias:+.2f})', 'contribution to the logit (blue: for, red: against)')}'>"
+        chart = _bar_chart(
+            dict(items),
+            f"Why {card.prediction}? (bias {card.bias:+.2f})",
+            "contribution to the logit (blue: for, red: against)",
         )
+        out.append(f"<img class='plot' alt='contributions' src='{chart}'>")
     out.append("</div><div>")
     if card.what_if:
         out.append(
