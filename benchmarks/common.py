@@ -18,11 +18,41 @@ from medcbm.features import FeatureCache, default_cache_dir, extract_features  #
 from medcbm.pretrain import dataset_records, records_to_arrays  # noqa: E402
 from medcbm.bundle import Preprocessing  # noqa: E402
 
+#: Per bundle: the dataset of its train / val / test splits, more training images (``extra_train``: their
+#: train split, as the bundle's fit used them), the held-out test set when it is another dataset
+#: (``test``), and further held-out sets reported beside it (``extra_tests``); each set is
+#: ``(dataset_records name, kwargs)``.
 BUNDLES = {
     "blood_cbm": {"dataset": "pbc_wbcatt", "dataset_args": {"include_extra": True}, "channel_mode": "rgb"},
-    "cxr_cbm": {"dataset": "nih_cxr14", "dataset_args": {}, "channel_mode": "grey"},
-    "derm_cbm": {"dataset": "isic2017", "dataset_args": {}, "channel_mode": "rgb"},
+    "cxr_cbm": {
+        "dataset": "nih_cxr14_256",
+        "dataset_args": {},
+        "channel_mode": "grey",
+        "extra_train": [("nih_cxr14", {"splits": ["train"]})],
+        "extra_tests": {"nih_cxr14_64px_test": ("nih_cxr14", {"splits": ["test"]})},
+    },
+    "derm_cbm": {
+        "dataset": "isic2017",
+        "dataset_args": {},
+        "channel_mode": "rgb",
+        "test": ("isic2017_test", {}),
+        "extra_tests": {"isic2017_official_val": ("isic2017", {"splits": ["test"]})},
+    },
 }
+
+
+def bundle_records(bundle: str) -> dict[str, list[dict]]:
+    """Records per split (``train``, ``val``, ``test``) and per extra test set of a bundle's evaluation."""
+    spec = BUNDLES[bundle]
+    records = dataset_records(spec["dataset"], **spec["dataset_args"])
+    out = {s: [r for r in records if r["split"] == s] for s in ("train", "val", "test")}
+    for name, kwargs in spec.get("extra_train", []):
+        out["train"] += [r for r in dataset_records(name, **kwargs) if r["split"] == "train"]
+    if "test" in spec:
+        out["test"] = dataset_records(spec["test"][0], **spec["test"][1])
+    for key, (name, kwargs) in spec.get("extra_tests", {}).items():
+        out[key] = dataset_records(name, **kwargs)
+    return out
 
 
 def bundle_split_features(bundle: str, backbone: str | None = None, cache_dir: str | None = None) -> dict:
@@ -33,10 +63,8 @@ def bundle_split_features(bundle: str, backbone: str | None = None, cache_dir: s
     # the backbone's own preprocessing config (size, normalisation, resize mode), as the bundle uses it
     pipe = Preprocessing.from_backbone(bk, spec["channel_mode"]).pipeline()
     cache = FeatureCache(cache_dir or default_cache_dir(), bk.fingerprint, pipe.fingerprint())
-    records = dataset_records(spec["dataset"], **spec["dataset_args"])
     out = {"bank": bank, "backbone": bk, "splits": {}}
-    for split in ("train", "val", "test"):
-        recs = [r for r in records if r["split"] == split]
+    for split, recs in bundle_records(bundle).items():
         res = extract_features([r["image"] for r in recs], bk.image_encoder(), pipe, cache)
         if res.errors:
             raise RuntimeError(f"unreadable images in {bundle}/{split}: {res.errors}")

@@ -6,8 +6,11 @@
 Held-out splits (never used for fitting or selection):
 - blood_cbm: PBC ``test`` split of ``pbc_wbcatt`` (accuracy, balanced accuracy, per-attribute accuracy
   against the WBCAtt annotations);
-- cxr_cbm: the NIH subset's ``test`` split (AUROC for abnormal); train/val images of test patients dropped;
-- derm_cbm: ISIC 2017 ``validation`` split (balanced accuracy, melanoma AUROC); selection data carved from train.
+- cxr_cbm: the ``nih_cxr14_256`` ``test`` split (split by patient; AUROC for abnormal, also per view, PA and
+  AP), and the 64-px NIH subset's ``test`` split beside it;
+- derm_cbm: the official ISIC 2017 ``test`` split (``isic2017_test_256`` without the near-duplicates of
+  train/val images; balanced accuracy, melanoma AUROC), and the official validation split (150) beside it;
+  selection data carved from train.
 
 Out of site (blood_cbm only): ``bccd_wbc_dev``, single white cells from another laboratory (BCCD), with
 no adaptation: balanced accuracy, per-class recall and the predicted-class counts. It is a development
@@ -152,26 +155,57 @@ def evaluate(bundle: str, models_dir: str | None = None) -> dict:
         val_proba = torch.softmax(net.head(net.concept_scores_from_features(torch.as_tensor(va["X"]))), 1).numpy()
     res["cbm_val"] = classification_metrics(va["y"], val_proba, bank.classes)
     res["linear_probe_val"] = classification_metrics(va["y"], probe.predict_proba(va["X"]), bank.classes)
-    # concept grounding on the held-out split where concept labels exist
+    res["concept_auroc_test"] = concept_auroc(net, bank, scores, te["C"])
+    if bundle == "cxr_cbm":
+        res["cbm_test_by_view"] = by_view(te, proba, bank)
+    for key in sorted(set(data["splits"]) - {"train", "val", "test"}):
+        res[key] = extra_test(net, probe, bank, data["splits"][key])
+    return res
+
+
+def concept_auroc(net, bank, scores: np.ndarray, labels: np.ndarray) -> dict:
+    """AUROC of each concept score against its label (None where a split lacks labels)."""
     from medcbm.grounding import grounding_report
 
     ids = [bank.concept_ids.index(c) for c in net.concepts]
-    rep = grounding_report(net.concepts, scores, te["C"][:, ids])
-    res["concept_auroc_test"] = {r.concept_id: r.auroc for r in rep}
-    return res
+    return {r.concept_id: r.auroc for r in grounding_report(net.concepts, scores, labels[:, ids])}
+
+
+def by_view(split: dict, proba: np.ndarray, bank) -> dict:
+    """Metrics of the CBM per radiographic view (PA, AP) of the test records."""
+    views = np.array([r.get("view_position", "") for r in split["records"]])
+    return {
+        v: classification_metrics(split["y"][views == v], proba[views == v], bank.classes)
+        for v in sorted(set(views))
+        if (views == v).sum() >= 10
+    }
+
+
+def extra_test(net, probe, bank, split: dict) -> dict:
+    """CBM and probe metrics, and concept AUROC, on a further held-out set."""
+    with torch.no_grad():
+        scores = net.concept_scores_from_features(torch.as_tensor(split["X"]))
+        proba = torch.softmax(net.head(scores), 1).numpy()
+    return {
+        "cbm": classification_metrics(split["y"], proba, bank.classes),
+        "linear_probe": classification_metrics(split["y"], probe.predict_proba(split["X"]), bank.classes),
+        "concept_auroc": concept_auroc(net, bank, scores.numpy(), split["C"]),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--bundle", nargs="+", default=["blood_cbm", "cxr_cbm", "derm_cbm"])
-    ap.add_argument("--out", default=None, help="also write the JSON here")
+    ap.add_argument("--out", default=None, help="also write the JSON here (other bundles already in it are kept)")
     ap.add_argument("--models-dir", default=None, help="evaluate this models folder (one bundle) instead")
     args = ap.parse_args()
     results = nan_safe({b: evaluate(b, args.models_dir) for b in args.bundle})
-    text = json.dumps(results, indent=2)
-    print(text)
+    print(json.dumps(results, indent=2))
     if args.out:
-        Path(args.out).write_text(text)
+        out = Path(args.out)
+        merged = json.loads(out.read_text()) if out.is_file() else {}
+        merged.update(results)
+        out.write_text(json.dumps({b: merged[b] for b in sorted(merged)}, indent=2))
 
 
 if __name__ == "__main__":

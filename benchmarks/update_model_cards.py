@@ -65,8 +65,14 @@ LABEL_SOURCES = {
 END = "<!-- END GENERATED -->"
 HELD_OUT = {
     "blood_cbm": "PBC `pbc_wbcatt` test split (250 images, 50 per class)",
-    "cxr_cbm": "NIH ChestX-ray14 subset `test` split (200 images, 100 normal / 100 abnormal)",
-    "derm_cbm": "ISIC 2017 validation split, held out as test (150 images: 78 nevus / 30 melanoma / 42 SK)",
+    "cxr_cbm": "NIH ChestX-ray14 `nih_cxr14_256` `test` split (223 images of 157 patients, split by patient)",
+    "derm_cbm": "the official ISIC 2017 test split (`isic2017_test_256`, 584 of 600 images: the 16 near-duplicates "
+    "of train/val images or of another test image left out)",
+}
+# further held-out sets of evaluate_bundles.py -> what they are
+EXTRA_TESTS = {
+    "nih_cxr14_64px_test": "the 64-px NIH subset's `test` split",
+    "isic2017_official_val": "the official ISIC 2017 validation split (150 images; not used for selection)",
 }
 # Optional configs, in the order the description names them: file -> what it lets a user do.
 SUPPORTED_CONFIGS = (
@@ -132,6 +138,7 @@ def render_evaluation(bundle: str, r: dict, results_name: str) -> str:
         f"Concepts used by the fitted model: {r['concepts_used']} of {r['concepts_in_bank']}.",
         "",
     ]
+    lines += _render_more_tests(r)
     if "wbcatt_attribute_accuracy_test" in r:
         att = r["wbcatt_attribute_accuracy_test"]
         per = {k: v for k, v in att.items() if isinstance(v, dict)}
@@ -154,6 +161,33 @@ def render_evaluation(bundle: str, r: dict, results_name: str) -> str:
         *[f"| `{k}` | {_fig(v)} |" for k, v in r["concept_auroc_test"].items()],
     ]
     return "\n".join(lines)
+
+
+def _headline(m: dict) -> str:
+    """Balanced accuracy and the AUROCs of one metrics block, in one cell."""
+    aurocs = [k for k in m if k.startswith("auroc_")]
+    aurocs = aurocs[1:] if len(aurocs) == 2 else aurocs
+    return f"balanced accuracy {_pct(m['balanced_accuracy'])} %; " + ", ".join(
+        f"AUROC {k[6:]} {_fig(m[k])}" for k in aurocs
+    )
+
+
+def _render_more_tests(r: dict) -> list[str]:
+    """Per-view figures of the test split and the further held-out sets, CBM beside the probe."""
+    by_view = r.get("cbm_test_by_view", {})
+    rows = [(f"test split, {v} views only (n = {m['n']})", _headline(m), "") for v, m in by_view.items()]
+    for key, what in EXTRA_TESTS.items():
+        if key in r:
+            m = r[key]
+            rows.append((f"{what} (n = {m['cbm']['n']})", _headline(m["cbm"]), _headline(m["linear_probe"])))
+    if not rows:
+        return []
+    return [
+        "| further held-out figures | concept bottleneck | linear probe |",
+        "|---|---|---|",
+        *[f"| {a} | {b} | {c or '–'} |" for a, b, c in rows],
+        "",
+    ]
 
 
 def render_fit_report(report: dict, path: str) -> str:
@@ -233,8 +267,8 @@ def render_audit_concepts(bundle: str, r: dict, path: str, fit_report: dict | No
         src = LABEL_SOURCES.get((bundle, name), name)
         lines.append(
             f"| {src} | {ca.get('n_concepts_evaluated', 0)} | {_fig(ca.get('mean_auroc'))} | "
-            f"{ca.get('n_better_than_chance', 0)} of {ca.get('n_concepts_evaluated', 0)} | {_fig(cem.get('cem_at_1'))} | "
-            f"{_fig(cem.get('cem_at_3'))} | {_fig(cem.get('cem_at_5'))} |"
+            f"{ca.get('n_better_than_chance', 0)} of {ca.get('n_concepts_evaluated', 0)} | "
+            f"{_fig(cem.get('cem_at_1'))} | {_fig(cem.get('cem_at_3'))} | {_fig(cem.get('cem_at_5'))} |"
         )
         for cid, v in (ca.get("concepts") or {}).items():
             if v.get("auroc") is None:

@@ -133,6 +133,7 @@ def fit_cbm(
     prior_strength: float | Sequence[float] = (0.0, 0.01, 0.1, 1.0),
     sparsity: float = 0.0,
     drop_ungroundable: bool = True,
+    prior_tolerance: float = 0.0,
 ) -> FittedCBM:
     """Ground the concepts, drop those no better than chance, and fit the knowledge-prior head.
 
@@ -144,6 +145,8 @@ def fit_cbm(
         mode: ``probe``, ``text`` or ``auto`` (probe when concept labels exist).
         text_embeddings: ``(K, D)`` concept text embeddings (required for ``text``).
         prior_strength: candidates for the head's prior weight, chosen on validation data.
+        prior_tolerance: take the strongest prior whose validation balanced accuracy is within this of the
+            best candidate's (trades at most that much validation accuracy for agreement with the prior).
         drop_ungroundable: remove concepts whose grounding is not better than chance on validation
             (for ``probe`` also concepts without labels). Kept when no concept labels exist at all.
     """
@@ -199,7 +202,9 @@ def fit_cbm(
         logger.warning(w)
     bar.set_postfix("head")
     bar.update(1)
-    head = KnowledgePriorHead(prior=sub_bank.prior, prior_strength=prior_strength, sparsity=sparsity)
+    head = KnowledgePriorHead(
+        prior=sub_bank.prior, prior_strength=prior_strength, sparsity=sparsity, selection_tolerance=prior_tolerance
+    )
     head.fit(s_tr, np.asarray(train_y), s_va, np.asarray(val_y), n_classes=bank.num_classes)
     bar.update(1)
     bar.close()

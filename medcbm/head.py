@@ -67,6 +67,8 @@ class KnowledgePriorHead:
         l2: weight of an L2 penalty (keeps separable problems bounded).
         class_balanced: weight each class equally in the cross-entropy.
         max_iter: L-BFGS iterations per candidate.
+        selection_tolerance: pick the strongest prior whose validation balanced accuracy is within this of
+            the best candidate's (0: the best; ties go to the stronger prior either way).
         random_state: kept for API symmetry; the solver is deterministic (zero initialisation).
 
     Example::
@@ -84,6 +86,7 @@ class KnowledgePriorHead:
         l2: float = 1e-4,
         class_balanced: bool = True,
         max_iter: int = 1000,
+        selection_tolerance: float = 0.0,
         random_state: int = 0,
     ):
         self.prior = None if prior is None else np.asarray(prior, dtype=np.float64)
@@ -92,6 +95,7 @@ class KnowledgePriorHead:
         self.l2 = float(l2)
         self.class_balanced = class_balanced
         self.max_iter = int(max_iter)
+        self.selection_tolerance = float(selection_tolerance)
         self.random_state = random_state
 
     # ------------------------------------------------------------------ validation
@@ -153,22 +157,32 @@ class KnowledgePriorHead:
         n_params = self.n_classes_ * (X.shape[1] + 1)
         theta = np.zeros(n_params)
         self.selection_: list[dict] = []
-        best = None
+        fits = []
         # Strong to weak prior: each fit starts from the previous optimum.
         for lam in sorted(strengths, reverse=True):
             theta = self._solve(theta, Xs, y, cw, self.prior, float(lam))
             W_s, b_s = self._unpack(theta, X.shape[1])
             score = None
             if X_val is not None:
-                pred = np.argmax(self._raw_logits(X_val, W_s, b_s), axis=1)
-                score = balanced_accuracy(y_val, pred)
-            self.selection_.append({"prior_strength": float(lam), "val_balanced_accuracy": score})
-            # ties go to the stronger prior (visited first): more knowledge-consistent at equal accuracy
-            if best is None or (score is not None and score > best[0] + 1e-12):
-                best = (score, float(lam), W_s.copy(), b_s.copy())
+                score = balanced_accuracy(y_val, np.argmax(self._raw_logits(X_val, W_s, b_s), axis=1))
+            self.selection_.append({"prior_strength": float(lam), "val_balanced_accuracy": score, **self._signs(W_s)})
+            fits.append((score, float(lam), W_s.copy(), b_s.copy()))
+        # the strongest prior (visited first) within the tolerance of the best validation score
+        top = max((f[0] for f in fits if f[0] is not None), default=None)
+        best = next(f for f in fits if top is None or f[0] >= top - self.selection_tolerance - 1e-12)
         _, self.prior_strength_, W_best, b_best = best
         self._set_raw_params(W_best, b_best)
         return self
+
+    def _signs(self, W: np.ndarray) -> dict[str, float | int | None]:
+        """Sign agreement with the prior and the number of contradicting weights (the trade-off curve)."""
+        if self.prior is None or not np.any(self.prior):
+            return {"prior_sign_agreement": None, "prior_contradictions": None}
+        nz = self.prior != 0
+        return {
+            "prior_sign_agreement": round(float((np.sign(W[nz]) == self.prior[nz]).mean()), 4),
+            "prior_contradictions": int((np.sign(W[nz]) == -self.prior[nz]).sum()),
+        }
 
     def _unpack(self, theta: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
         C = self.n_classes_

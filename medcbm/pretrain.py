@@ -55,7 +55,9 @@ def dataset_records(name: str, **kwargs: Any) -> list[dict]:
     registry: dict[str, str] = {
         "pbc_wbcatt": "pbc_wbcatt_records",
         "nih_cxr14": "nih_cxr14_records",
+        "nih_cxr14_256": "nih_cxr14_256_records",
         "isic2017": "isic2017_records",
+        "isic2017_test": "isic2017_test_records",
         "pneumoniamnist": "pneumoniamnist_records",
     }
     if name not in registry:
@@ -107,10 +109,36 @@ def load_unit_images(paths: list[str], channel_mode: str, size: int, resize_mode
     return out
 
 
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(OPENAI_CLIP_MEAN, dtype=x.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_CLIP_STD, dtype=x.dtype).view(1, 3, 1, 1)
-    return (x - mean) / std
+def _normalise(x: torch.Tensor, mean: Any = OPENAI_CLIP_MEAN, std: Any = OPENAI_CLIP_STD) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=x.dtype).view(1, 3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
+def _init_imagenet_trunk(model: torch.nn.Module, model_cfg: dict[str, Any]) -> dict[str, str]:
+    """Load ImageNet weights into a timm image tower (``vision_cfg.timm_model_name``); returns provenance."""
+    from .imagenet_trunks import load_into
+
+    name = model_cfg["vision_cfg"].get("timm_model_name")
+    if not name:
+        raise ValueError("train.init_trunk: imagenet needs a timm image tower (vision_cfg.timm_model_name)")
+    return {"imagenet": name, "sha256": load_into(model.visual.trunk, name)}
+
+
+def _optimizer(model: torch.nn.Module, extra: list[torch.nn.Parameter], cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    """AdamW; a pretrained trunk trains at ``train.trunk_lr_scale`` times the learning rate (default 1)."""
+    lr = float(cfg.get("lr", 2e-3))
+    trunk = getattr(model.visual, "trunk", None)
+    trunk_ids = {id(p) for p in trunk.parameters()} if trunk is not None else set()
+    groups = [
+        {"params": [p for p in model.parameters() if id(p) not in trunk_ids] + extra, "lr": lr},
+        {
+            "params": [p for p in model.parameters() if id(p) in trunk_ids],
+            "lr": lr * float(cfg.get("trunk_lr_scale", 1.0)),
+        },
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=float(cfg.get("weight_decay", 0.05)))
 
 
 #: Augmentation keys of the first recipes (before :mod:`medcbm.augment`); kept so their backbones rebuild.
@@ -206,15 +234,17 @@ def pretrain_backbone(
     load_size = int(cfg.get("load_size", size if legacy_recipe else 2 * size))
     resize_mode = str(recipe.get("preprocess", {}).get("resize_mode", "shortest"))
     mode = recipe["channel_mode"]
+    mean = tuple(recipe.get("preprocess", {}).get("mean", OPENAI_CLIP_MEAN))
+    std = tuple(recipe.get("preprocess", {}).get("std", OPENAI_CLIP_STD))
     logger.info("loading %d train images at %d px and %d val images", len(train), load_size, len(val))
     u_tr = load_unit_images([r["image"] for r in train], mode, load_size, resize_mode)
-    x_va = _normalise(load_unit_images([r["image"] for r in val], mode, size, resize_mode).float() / 255.0)
+    x_va = _normalise(load_unit_images([r["image"] for r in val], mode, size, resize_mode).float() / 255.0, mean, std)
     augment_cfg = dict(cfg.get("augment", {}) or {})
     legacy = bool(augment_cfg) and set(augment_cfg) <= LEGACY_AUGMENT_KEYS
     if legacy:  # the first recipes: no site-shift family, selection on clean val only
 
         def augmenter(u: torch.Tensor) -> torch.Tensor:
-            return _legacy_augment(_normalise(resize_batch(u, size)), augment_cfg, gen)
+            return _legacy_augment(_normalise(resize_batch(u, size), mean, std), augment_cfg, gen)
 
     else:
         site = SiteShiftAugment(augment_cfg, size, mode, seed=seed)
@@ -226,12 +256,12 @@ def pretrain_backbone(
                 keep = torch.rand(len(u), generator=gen) < clean_fraction
                 if keep.any():
                     x[keep] = resize_batch(u[keep], size)
-            return _normalise(x)
+            return _normalise(x, mean, std)
 
     shift_cfg = dict(cfg.get("val_shift", {} if legacy else augment_cfg) or {})
     u_va = load_unit_images([r["image"] for r in val], mode, load_size, resize_mode).float() / 255.0
     shifter = SiteShiftAugment(shift_cfg, size, mode, seed=seed + 1)
-    x_vs = torch.cat([_normalise(shifter(u_va[i : i + 256])) for i in range(0, len(u_va), 256)])
+    x_vs = torch.cat([_normalise(shifter(u_va[i : i + 256]), mean, std) for i in range(0, len(u_va), 256)])
     del u_va
     y_tr, c_tr = records_to_arrays(train, bank)
     y_va, c_va = records_to_arrays(val, bank)
@@ -241,19 +271,20 @@ def pretrain_backbone(
     model = CLIP(**model_cfg)
     init_from = init_from or cfg.get("init_from")
     init_info = _init_weights(model, init_from) if init_from else None
+    if cfg.get("init_trunk") == "imagenet" and not init_from:
+        init_info = _init_imagenet_trunk(model, model_cfg)
     ctx = int(model_cfg["text_cfg"].get("context_length", 77))
     tokens = open_clip.tokenize(bank.texts, context_length=ctx)
     C, K, E = bank.num_classes, bank.num_concepts, int(model_cfg["embed_dim"])
     aux = torch.nn.Linear(E, C)
     concept_bias = torch.nn.Parameter(torch.zeros(K))
     log_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
-    params = list(model.parameters()) + list(aux.parameters()) + [concept_bias, log_scale]
     n_epochs = int(epochs or cfg["epochs"])
     bs = int(cfg.get("batch_size", 64))
     steps = n_epochs * math.ceil(len(train) / bs)
-    opt = torch.optim.AdamW(params, lr=float(cfg.get("lr", 2e-3)), weight_decay=float(cfg.get("weight_decay", 0.05)))
+    opt = _optimizer(model, list(aux.parameters()) + [concept_bias, log_scale], cfg)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=float(cfg.get("lr", 2e-3)), total_steps=steps, pct_start=0.15
+        opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=steps, pct_start=0.15
     )
     counts = np.bincount(y_tr, minlength=C).astype(np.float64)
     class_w = torch.tensor(len(y_tr) / (C * np.maximum(counts, 1)), dtype=torch.float32)
@@ -329,8 +360,8 @@ def pretrain_backbone(
         model,
         model_cfg,
         out_dir,
-        OPENAI_CLIP_MEAN,
-        OPENAI_CLIP_STD,
+        mean,
+        std,
         half=True,
         resize_mode=resize_mode,
         extra={"medcbm_pretraining": {k: v for k, v in summary.items() if k != "history"}},

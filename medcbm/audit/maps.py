@@ -14,7 +14,8 @@ Four methods, picked per image tower by :func:`default_map_method`:
 - ``"tokens"`` (open_clip ``VisionTransformer``): the same for each patch token after the final norm and
   projection (per-patch token similarity to the concept direction).
 - ``"gradcam"`` (any other tower with a conv layer): Grad-CAM from ``monai.visualize.GradCAM`` with the
-  concept score as the target, on ``layer4`` (ResNets) or the last ``Conv2d``; values are Grad-CAM's, scaled to [0, 1].
+  concept score as the target, on ``layer4`` (ResNets), the final norm + activation of a timm EfficientNet trunk
+  (``trunk.bn2``) or the last ``Conv2d``; values are Grad-CAM's, scaled to [0, 1].
 
 Maps are upsampled (bilinear) to the encoder input size. Overlays use ``monai.visualize.blend_images``.
 """
@@ -219,6 +220,9 @@ class ConceptMapper:
     def _last_conv_name(self) -> str:
         if isinstance(getattr(self.visual, "layer4", None), torch.nn.Module):  # ResNet-like: the last stage's output
             return "net.encoder.visual.layer4"
+        trunk = getattr(self.visual, "trunk", None)  # open_clip TimmModel: timm EfficientNet's final norm + activation
+        if isinstance(getattr(trunk, "bn2", None), torch.nn.Module) and hasattr(trunk, "conv_head"):
+            return "net.encoder.visual.trunk.bn2"
         name = None
         for n, m in self.visual.named_modules():
             if isinstance(m, torch.nn.Conv2d):

@@ -10,6 +10,7 @@ from .nih_cxr14 import (
     NIH_FINDINGS,
     finding_concepts,
     nih_cxr14_overlap_dropped,
+    nih_cxr14_256_records,
     nih_cxr14_records,
 )
 from .paths import SHARED_DATA_ENV, sha256_file, shared_data_root
@@ -38,6 +39,7 @@ __all__ = [
     "CXR_CONCEPT_IDS",
     "finding_concepts",
     "nih_cxr14_records",
+    "nih_cxr14_256_records",
     "nih_cxr14_overlap_dropped",
 ]
 
@@ -50,6 +52,6 @@ from .pneumoniamnist import pneumoniamnist_records  # noqa: E402
 __all__ += ["pneumoniamnist_records"]
 
 from .bccd_wbc import bccd_wbc_dev_records  # noqa: E402
-from .isic2017_features import EXPERT_FEATURE_CONCEPTS, isic2017_expert_labels  # noqa: E402
+from .isic2017_features import EXPERT_FEATURE_CONCEPTS, isic2017_expert_labels, isic2017_test_records  # noqa: E402
 
-__all__ += ["bccd_wbc_dev_records", "EXPERT_FEATURE_CONCEPTS", "isic2017_expert_labels"]
+__all__ += ["bccd_wbc_dev_records", "EXPERT_FEATURE_CONCEPTS", "isic2017_expert_labels", "isic2017_test_records"]

@@ -2,6 +2,7 @@
 """Write a staged dataset as the bundle CSVs (``image``, ``label``, one 0/1 column per concept).
 
     python -m medcbm.datasets.export --dataset pbc_wbcatt --include-extra --out /tmp/blood_csv
+    python -m medcbm.datasets.export --dataset nih_cxr14_256 --add-train nih_cxr14 --out /tmp/cxr_csv
 
 writes ``train.csv``, ``val.csv`` and ``test.csv``; the train and val files feed ``configs/train.yaml``,
 the test file the held-out evaluation.
@@ -20,7 +21,12 @@ from ..concepts import load_concept_bank
 
 __all__ = ["write_split_csvs", "DATASET_BUNDLES"]
 
-DATASET_BUNDLES = {"pbc_wbcatt": "blood_cbm", "nih_cxr14": "cxr_cbm", "isic2017": "derm_cbm"}
+DATASET_BUNDLES = {
+    "pbc_wbcatt": "blood_cbm",
+    "nih_cxr14": "cxr_cbm",
+    "nih_cxr14_256": "cxr_cbm",
+    "isic2017": "derm_cbm",
+}
 
 
 def write_split_csvs(records: Sequence[dict], concept_ids: Sequence[str], out_dir: str | Path) -> dict[str, int]:
@@ -52,9 +58,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", required=True, choices=sorted(DATASET_BUNDLES))
     parser.add_argument("--out", required=True)
     parser.add_argument("--include-extra", action="store_true", help="pbc_wbcatt: add pbc_wbcatt_extra to train")
+    parser.add_argument(
+        "--add-train",
+        action="append",
+        default=[],
+        choices=sorted(DATASET_BUNDLES),
+        help="add this dataset's train split",
+    )
     args = parser.parse_args(argv)
     kwargs = {"include_extra": True} if args.include_extra else {}
     records = dataset_records(args.dataset, **kwargs)
+    for extra in args.add_train:
+        records += dataset_records(extra, splits=["train"])
     repo = Path(__file__).resolve().parents[2]
     bank = load_concept_bank(repo / "bundles" / DATASET_BUNDLES[args.dataset] / "configs" / "concepts.yaml")
     print(write_split_csvs(records, bank.concept_ids, args.out))

