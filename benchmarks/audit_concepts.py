@@ -5,9 +5,10 @@
 
 Real concept labels: WBCAtt attributes (blood), NIH findings mapped to concepts (cxr, weak labels), and for
 dermoscopy two label sets reported apart: the ABCD/colour features measured from image and lesion mask, and the
-expert dermoscopic structures of ``isic2017_features`` (``medcbm.datasets.isic2017_features.
-EXPERT_FEATURE_CONCEPTS``: pigment_network, negative_network, streaks, milia_like_cysts, dots_globules), both as
-``isic2017_records`` carries them. Concepts a bundle dropped as ungroundable are listed with the reason.
+expert dermoscopic structures (``medcbm.datasets.isic2017_features.EXPERT_FEATURE_CONCEPTS``:
+pigment_network, negative_network, streaks, milia_like_cysts, dots_globules) on the official ISIC 2017 test
+split, and the measured features on the official validation split (the test split's images are not
+measured). Concepts a bundle dropped as ungroundable are listed with the reason.
 Writes ``benchmarks/results/audit_concepts_<bundle>.json``; re-run after the backbones are retrained.
 """
 
@@ -21,13 +22,12 @@ from pathlib import Path
 
 import torch
 
-from common import BUNDLES, REPO, nan_safe
+from common import BUNDLES, REPO, bundle_records, nan_safe
 
 from medcbm.bundle import LoadedBundle
 from medcbm.concepts import load_concept_bank
 from medcbm.data import InputRecord
 from medcbm.datasets.isic2017_features import EXPERT_FEATURE_CONCEPTS
-from medcbm.pretrain import dataset_records
 from medcbm.workflows.audit import audit_bundle
 
 def _cell(v) -> str:
@@ -80,10 +80,10 @@ def _git_commit(bundle_name: str) -> str | None:
 
 
 def run(bundle_name: str, concepts_file: str | None = None) -> dict:
-    spec = BUNDLES[bundle_name]
     t0 = time.perf_counter()
     bundle = LoadedBundle.load(REPO / "bundles" / bundle_name, concepts_file=concepts_file)
-    recs = [r for r in dataset_records(spec["dataset"], **spec["dataset_args"]) if r["split"] == "test"]
+    splits = bundle_records(bundle_name)
+    recs = splits["test"]
     bank_ids = [
         c.id
         for c in load_concept_bank(
@@ -105,9 +105,10 @@ def run(bundle_name: str, concepts_file: str | None = None) -> dict:
     if bundle_name == "derm_cbm":
         expert = set(EXPERT_FEATURE_CONCEPTS.values())
         sets = {
-            "measured": _records(recs, [k for k in bank_ids if k not in expert]),
+            "measured": _records(splits["isic2017_official_val"], [k for k in bank_ids if k not in expert]),
             "expert_structures": _records(recs, [k for k in bank_ids if k in expert]),
         }
+        out["split_of"] = {"measured": "isic2017_official_val", "expert_structures": "test"}
     for name, records in sets.items():
         entries, audit, _, _ = audit_bundle(bundle, records, max_cards=0, batch_size=32)
         out["label_sets"][name] = _summary(entries, audit)

@@ -223,3 +223,13 @@ def test_bundle_json_is_pretty_4_space(path):
         f"{path.relative_to(REPO)} is not 4-space pretty JSON with a final newline (the model zoo's "
         "pretty-format-json hook); rewrite it with json.dumps(data, indent=4) + '\\n'"
     )
+
+
+def test_generated_doc_blocks_match_their_results_files():
+    """docs/REPRODUCE.md's encoder comparison and docs/performance.md are rendered from committed results."""
+    import subprocess
+
+    for script in ("encoder_comparison.py", "performance_doc.py"):
+        args = [sys.executable, str(REPO / "benchmarks" / script), "--check-doc" if "encoder" in script else "--check"]
+        done = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, f"out of date: run python benchmarks/{script} ({done.stderr[-500:]})"
