@@ -18,6 +18,10 @@ remaining target images (balanced accuracy) and on the source test split (accura
 scores, seeded with the support set), ``lame`` (on the scored batch, unsupervised), ``refit_head_prior``
 (few-shot re-fit of the knowledge-prior head on the support scores; needs every class) and
 ``linear_probe`` (logistic regression on the support features; a reference that gives up the bottleneck).
+From an unlabelled site sample (every other target image outside the support set, so the site sample and the
+scored images are disjoint; all methods are scored on the other half): ``site_calibration``, ``site_label_shift``,
+``site_both`` (:func:`medcbm.adaptation.fit_site_adaptation`) and ``site_both_edit`` (the concept edit searched on
+top, as ``adapt.yaml --site_images --support`` does).
 
 The guard's reference set is the bundle's ``models/reference.safetensors`` when it ships one (labelled validation
 scores plus the unlabelled training sample, as ``adapt.yaml`` uses it; for ``nih_view_ap`` the PA validation images
@@ -49,6 +53,7 @@ if str(REPO) not in sys.path:
 from medcbm.adaptation import (  # noqa: E402
     T3A,
     ConceptEditSearch,
+    fit_site_adaptation,
     lame_predict,
     linear_probe_refit,
     refit_head_with_prior,
@@ -61,7 +66,18 @@ from medcbm.io.atomic import atomic_write_json, atomic_write_text  # noqa: E402
 from medcbm.metrics import balanced_accuracy  # noqa: E402
 from medcbm.pretrain import dataset_records  # noqa: E402
 
-METHODS = ("none", "concept_edit", "t3a", "lame", "refit_head_prior", "linear_probe")
+METHODS = (
+    "none",
+    "concept_edit",
+    "t3a",
+    "lame",
+    "refit_head_prior",
+    "linear_probe",
+    "site_calibration",
+    "site_label_shift",
+    "site_both",
+    "site_both_edit",
+)
 DATASETS = {"blood_cbm": "pbc_wbcatt", "cxr_cbm": "nih_cxr14", "derm_cbm": "isic2017"}
 SHIFTS = {
     "blood_cbm": ("synthetic_stain", "synthetic_blur_jpeg"),
@@ -197,8 +213,10 @@ def draw_support(y: np.ndarray, k: int, seed: int, n_classes: int) -> np.ndarray
 
 
 # ---------------------------------------------------------------------------------------------- methods
-def run_methods(bundle: LoadedBundle, sup: Scored, tgt: Scored, src: Scored, ref: Scored) -> dict[str, dict[str, Any]]:
-    """Every method fitted on ``sup``; scored on the target rest ``tgt`` and the source test ``src``."""
+def run_methods(
+    bundle: LoadedBundle, sup: Scored, tgt: Scored, src: Scored, ref: Scored, site: Scored | None = None
+) -> dict[str, dict[str, Any]]:
+    """Every method fitted on ``sup`` (and the unlabelled ``site`` sample); scored on ``tgt`` and the source ``src``."""
     W, b, neutral, mus = _head(bundle)
     C = W.shape[0]
     out: dict[str, dict[str, Any]] = {}
@@ -258,7 +276,32 @@ def run_methods(bundle: LoadedBundle, sup: Scored, tgt: Scored, src: Scored, ref
             return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
         score("linear_probe", probe.predict(norm(tgt.X)), probe.predict(norm(src.X)), time.perf_counter() - t0)
+    if site is not None:
+        _site_methods(bundle, sup, tgt, src, ref, site, score)
     return out
+
+
+def _site_methods(bundle: LoadedBundle, sup: Scored, tgt: Scored, src: Scored, ref: Scored, site: Scored,
+                  score: Callable[..., None]) -> None:
+    """Calibration only, label shift only, both, and both with the concept edit on top (site sample unlabelled)."""
+    W, b, neutral, mus = _head(bundle)
+    for name, cal, ls in (("site_calibration", True, False), ("site_label_shift", False, True),
+                          ("site_both", True, True)):
+        t0 = time.perf_counter()
+        fit = fit_site_adaptation(site.S, ref.S, ref.y, W, b, ref.U, bundle.class_names, bundle.concept_ids,
+                                  calibrate=cal, label_shift=ls)
+        bo = b + fit.offset
+        seconds = time.perf_counter() - t0
+        score(name, (fit.calibrate(tgt.S) @ W.T + bo).argmax(1), (fit.calibrate(src.S) @ W.T + bo).argmax(1), seconds,
+              n_calibrated=len(fit.calibration_dict().get("concepts", {})),
+              label_shift_applied=bool(fit.label_shift is not None and fit.label_shift.applied_))
+    t0 = time.perf_counter()
+    U = fit.calibrate(ref.U) if ref.U is not None else None
+    search = ConceptEditSearch(class_names=bundle.class_names, concept_ids=bundle.concept_ids)
+    search.fit(fit.calibrate(sup.S), sup.y, W, bo, neutral, fit.calibrate(ref.S), ref.y, mus,
+               unlabelled_reference_scores=U)
+    score("site_both_edit", search.predict(fit.calibrate(tgt.S)), search.predict(fit.calibrate(src.S)),
+          seconds + time.perf_counter() - t0, n_edited=int(search.mask_.sum() + (search.gain_ != 1.0).sum()))
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -288,7 +331,8 @@ def evaluate_scenario(bundle, target: Scored, src: Scored, ref: Scored, ks, draw
         for seed in range(draws):
             idx = draw_support(target.y, k, seed, C)
             rest = np.setdiff1d(np.arange(len(target.y)), idx)
-            runs.append(run_methods(bundle, target.subset(idx), target.subset(rest), src, ref))
+            site, scored = rest[0::2], rest[1::2]  # disjoint: the unlabelled site sample and the scored images
+            runs.append(run_methods(bundle, target.subset(idx), target.subset(scored), src, ref, target.subset(site)))
         per_method = {}
         for m in METHODS:
             done = [r[m] for r in runs if "skipped" not in r[m]]

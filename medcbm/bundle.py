@@ -194,7 +194,7 @@ class SourceReference:
         device = network.head.weight.device
         with torch.no_grad():
             s = torch.as_tensor(self.scores, dtype=torch.float32, device=device)
-            pred = network.head(network.apply_edit(s)).argmax(1).cpu().numpy()
+            pred = network.logits_from_scores(network.apply_edit(s)).argmax(1).cpu().numpy()
         return float((pred == self.labels).mean()) if len(self.labels) else float("nan")
 
     def unlabelled_scores(self, network: ConceptBottleneckClassifier) -> np.ndarray:
@@ -324,6 +324,9 @@ class LoadedBundle:
             if not name.startswith("encoder."):
                 h.update(name.encode())
                 h.update(t.detach().cpu().float().numpy().tobytes())
+        for name, t in sorted(self.network.site_adaptation_tensors().items()):  # empty for the shipped network
+            h.update(name.encode())
+            h.update(t.float().numpy().tobytes())
         h.update(json.dumps([self.concept_ids, self.class_names]).encode())
         return h.hexdigest()
 
@@ -358,7 +361,7 @@ class LoadedBundle:
                     f"{adaptation}: made for another fit of {self.name} (the model changed since); "
                     "run configs/adapt.yaml again on your support images"
                 )
-        self.network.set_edit(list(spec.mask), {k: float(v) for k, v in dict(spec.gain).items()})
+        spec.apply(self.network)  # edit, site calibration and label-shift offset, or only what the file holds
         self.adaptation = spec
         return self
 

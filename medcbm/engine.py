@@ -398,7 +398,7 @@ class PredictionEngine:
         f = torch.as_tensor(features, dtype=torch.float32, device=self.device)
         raw = net.concept_scores_from_features(f, edited=False)
         scores = net.concept_scores_from_features(f, edited=True)
-        logits = net.head(scores)
+        logits = net.logits_from_scores(scores)
         out = {
             "scores_unedited": raw.cpu().numpy(),
             "scores": scores.cpu().numpy(),

@@ -23,10 +23,26 @@ from .grounding import ConceptGrounding
 from .head import KnowledgePriorHead
 from .io.atomic import atomic_write_bytes
 
-__all__ = ["ConceptBottleneckClassifier", "save_cbm_state", "read_cbm_state", "CBM_FORMAT_VERSION"]
+__all__ = [
+    "ConceptBottleneckClassifier",
+    "save_cbm_state",
+    "read_cbm_state",
+    "calibrate_scores",
+    "CBM_FORMAT_VERSION",
+]
 
 logger = logging.getLogger(__name__)
 CBM_FORMAT_VERSION = "1"
+
+
+def calibrate_scores(scores: torch.Tensor, slope: torch.Tensor, intercept: torch.Tensor, logit: bool) -> torch.Tensor:
+    """The site calibration's arithmetic (the one definition): per concept ``u -> slope * u + intercept``, where ``u``
+    is the score's logit (``logit=True``, scores in (0, 1), clamped to [1e-6, 1 - 1e-6]) or the score itself."""
+    slope, intercept = slope.to(scores.dtype), intercept.to(scores.dtype)
+    if logit:
+        u = torch.logit(scores.clamp(1e-6, 1.0 - 1e-6))
+        return torch.sigmoid(u * slope + intercept)
+    return scores * slope + intercept
 
 
 class ConceptBottleneckClassifier(torch.nn.Module):
@@ -78,6 +94,12 @@ class ConceptBottleneckClassifier(torch.nn.Module):
         self.register_buffer("edit_gain", torch.ones(K))
         neutral_t = torch.zeros(K) if neutral is None else torch.as_tensor(np.asarray(neutral), dtype=torch.float32)
         self.register_buffer("neutral", neutral_t)
+        # site adaptation (adaptation.json), not part of the fit: non-persistent, so the saved state is unchanged
+        self.register_buffer("calib_active", torch.zeros((), dtype=torch.bool), persistent=False)
+        self.register_buffer("calib_logit", torch.zeros((), dtype=torch.bool), persistent=False)
+        self.register_buffer("calib_slope", torch.ones(K), persistent=False)
+        self.register_buffer("calib_intercept", torch.zeros(K), persistent=False)
+        self.register_buffer("class_offset", torch.zeros(len(class_names)), persistent=False)
 
     # ------------------------------------------------------------------ the data path
     def features(self, image: torch.Tensor) -> torch.Tensor:
@@ -89,10 +111,24 @@ class ConceptBottleneckClassifier(torch.nn.Module):
         scores = self.grounding(features)
         return self.apply_edit(scores) if edited else scores
 
+    def calibrate(self, scores: torch.Tensor) -> torch.Tensor:
+        """The site calibration on concept scores ``(B, K)``: per concept ``u -> slope * u + intercept`` where ``u``
+        is the score's logit (``calib_logit``) or the score itself; the identity (scores returned untouched) unless
+        an adaptation set one. Row by row: an image's result never depends on the other rows."""
+        if not bool(self.calib_active):
+            return scores
+        return calibrate_scores(scores, self.calib_slope, self.calib_intercept, bool(self.calib_logit))
+
     def apply_edit(self, scores: torch.Tensor) -> torch.Tensor:
-        """The test-time edit on concept scores ``(B, K)``: masked concepts take their neutral value, the
-        others are scaled by their gain (identity by default)."""
+        """The test-time adaptation on concept scores ``(B, K)``: the site calibration (:meth:`calibrate`), then the
+        edit: masked concepts take their neutral value, the others are scaled by their gain (identity by default)."""
+        scores = self.calibrate(scores)
         return torch.where(self.edit_mask, self.neutral.to(scores.dtype), scores * self.edit_gain)
+
+    def logits_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Class logits ``(B, C)`` of (already edited) concept scores: the head plus the label-shift offset
+        (zeros unless an adaptation set one)."""
+        return self.head(scores) + self.class_offset.to(scores.dtype)
 
     def concept_scores(self, image: torch.Tensor, edited: bool = True) -> torch.Tensor:
         """Concept scores ``(B, K)``, after the test-time edit unless ``edited=False``."""
@@ -100,10 +136,10 @@ class ConceptBottleneckClassifier(torch.nn.Module):
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         """Class logits ``(B, C)``."""
-        return self.head(self.concept_scores(image))
+        return self.logits_from_scores(self.concept_scores(image))
 
     def logits_from_features(self, features: torch.Tensor) -> torch.Tensor:
-        return self.head(self.concept_scores_from_features(features))
+        return self.logits_from_scores(self.concept_scores_from_features(features))
 
     def contributions_from_scores(self, scores: torch.Tensor) -> torch.Tensor:
         """``(B, C, K)``: ``W[c, k] * (a_k - neutral_k)``; summed over ``k`` plus :meth:`contribution_bias`
@@ -116,8 +152,9 @@ class ConceptBottleneckClassifier(torch.nn.Module):
         return (scores - self.neutral)[:, None, :] * self.head.weight[None, :, :]
 
     def contribution_bias(self) -> torch.Tensor:
-        """``(C,)``: ``b + W @ neutral``, the logit of an image whose every concept sits at its neutral value."""
-        return self.head.bias + self.head.weight @ self.neutral
+        """``(C,)``: ``b + W @ neutral`` (plus the label-shift offset of an adaptation), the logit of an image whose
+        every concept sits at its neutral value."""
+        return self.head.bias + self.head.weight @ self.neutral + self.class_offset
 
     def contributions(self, image: torch.Tensor) -> torch.Tensor:
         return self.contributions_from_scores(self.concept_scores(image))
@@ -148,7 +185,41 @@ class ConceptBottleneckClassifier(torch.nn.Module):
         self.edit_gain.copy_(g.to(self.edit_gain.device))
         return self
 
+    def set_site_calibration(
+        self,
+        slope: torch.Tensor | np.ndarray | None = None,
+        intercept: torch.Tensor | np.ndarray | None = None,
+        logit_space: bool = True,
+        class_offset: torch.Tensor | np.ndarray | None = None,
+    ) -> "ConceptBottleneckClassifier":
+        """Set the site calibration (per-concept ``slope`` / ``intercept`` ``(K,)``, in logit space or on the scores)
+        and the label-shift ``class_offset`` ``(C,)`` added to the logits; ``None`` = identity / zeros."""
+        K, C = len(self.concepts), len(self.targets)
+        a = torch.ones(K) if slope is None else torch.as_tensor(np.asarray(slope), dtype=torch.float32).reshape(K)
+        b = torch.zeros(K) if intercept is None else torch.as_tensor(np.asarray(intercept), dtype=torch.float32)
+        o = torch.zeros(C) if class_offset is None else torch.as_tensor(np.asarray(class_offset), dtype=torch.float32)
+        b, o = b.reshape(K), o.reshape(C)
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all() and torch.isfinite(o).all()) or (a <= 0).any():
+            raise ValueError("site calibration slopes must be finite and > 0 (monotone); intercepts and offsets finite")
+        active = bool((a != 1).any() or (b != 0).any())
+        self.calib_active.fill_(active)
+        self.calib_logit.fill_(bool(logit_space))
+        self.calib_slope.copy_(a.to(self.calib_slope.device))
+        self.calib_intercept.copy_(b.to(self.calib_intercept.device))
+        self.class_offset.copy_(o.to(self.class_offset.device))
+        return self
+
+    def site_adaptation_tensors(self) -> dict[str, torch.Tensor]:
+        """The calibration and offset buffers when any is set (empty for the shipped network): fingerprinted with the
+        fit, since they change predictions but are not part of the saved state."""
+        if not bool(self.calib_active) and not bool((self.class_offset != 0).any()):
+            return {}
+        names = ("calib_logit", "calib_slope", "calib_intercept", "class_offset")
+        return {n: getattr(self, n).detach().cpu() for n in names}
+
     def reset_edit(self) -> "ConceptBottleneckClassifier":
+        """Remove the edit, the site calibration and the label-shift offset: the shipped network."""
+        self.set_site_calibration()
         return self.set_edit(None, None)
 
     def _concept_index(self, cid: str) -> int:

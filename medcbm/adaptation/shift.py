@@ -20,17 +20,25 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["SiteShiftDetector", "ShiftSummary", "summarize_shift"]
+__all__ = [
+    "SiteShiftDetector",
+    "ShiftSummary",
+    "summarize_shift",
+    "concept_shift_report",
+    "looks_like_another_modality",
+]
 
 _PREFIX = "shift."
 
 
-def _normalise(x: Any, name: str) -> np.ndarray:
+def _normalise(x: Any, name: str, l2: bool = True) -> np.ndarray:
     a = np.asarray(x.detach().cpu() if isinstance(x, torch.Tensor) else x, dtype=np.float32)
     if a.ndim != 2:
         raise ValueError(f"{name} must be 2-D (N, D), got shape {a.shape}")
     if not np.isfinite(a).all():
         raise ValueError(f"{name} contains NaN or infinite values")
+    if not l2:
+        return a
     norm = np.linalg.norm(a, axis=1, keepdims=True)
     return a / np.maximum(norm, 1e-12)
 
@@ -44,13 +52,16 @@ class SiteShiftDetector:
         whiten: measure distances after whitening with the reference's Ledoit-Wolf covariance (shrinkage
             chosen from the data, so nothing to tune); ``False`` = plain distance of normalised features.
         chunk: query rows per distance block (bounds memory at ``chunk x N`` floats).
+        l2_normalise: L2-normalise rows first (image features); ``False`` for concept scores, whose size matters.
 
     Attributes (after :meth:`fit`): ``center_`` (D,) and ``transform_`` (D, D) (whitening; identity without),
     ``reference_`` (N, D) transformed reference features, ``reference_scores_`` (N,) cross-fitted scores,
     ``threshold_``.
     """
 
-    def __init__(self, k: int = 5, quantile: float = 0.95, whiten: bool = True, chunk: int = 1024):
+    def __init__(
+        self, k: int = 5, quantile: float = 0.95, whiten: bool = True, chunk: int = 1024, l2_normalise: bool = True
+    ):
         if int(k) != k or k < 1:
             raise ValueError(f"k must be a positive integer, got {k}")
         if not 0.5 <= quantile < 1:
@@ -59,10 +70,11 @@ class SiteShiftDetector:
         self.quantile = float(quantile)
         self.whiten = bool(whiten)
         self.chunk = int(chunk)
+        self.l2_normalise = bool(l2_normalise)
 
     def fit(self, reference_features: np.ndarray | torch.Tensor) -> "SiteShiftDetector":
         """Store the reference features and set the threshold from their cross-fitted scores."""
-        ref = _normalise(reference_features, "reference_features")
+        ref = _normalise(reference_features, "reference_features", self.l2_normalise)
         if len(ref) <= self.k:
             raise ValueError(f"the reference set needs more than k = {self.k} images, got {len(ref)}")
         self.center_, self.transform_ = self._whitening(ref)
@@ -99,7 +111,7 @@ class SiteShiftDetector:
             if len(rest) < self.k:
                 raise ValueError(f"the reference set is too small for k = {self.k} with {n_folds} folds")
             c, T = self._whitening(rest)
-            sub = SiteShiftDetector(self.k, self.quantile, self.whiten, self.chunk)
+            sub = SiteShiftDetector(self.k, self.quantile, self.whiten, self.chunk, self.l2_normalise)
             sub.center_, sub.transform_ = c, T
             sub.reference_ = sub._project(rest)
             out[folds == f] = sub._kth_distance(sub._project(ref[folds == f]))
@@ -126,7 +138,7 @@ class SiteShiftDetector:
     def score(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """Distance to the k-th nearest reference feature (whitened space), ``(N,)``; larger = less source-like."""
         self._check_fitted()
-        q = _normalise(features, "features")
+        q = _normalise(features, "features", self.l2_normalise)
         if q.shape[1] != self.reference_.shape[1]:
             raise ValueError(f"features have {q.shape[1]} dimensions, the reference set {self.reference_.shape[1]}")
         return self._kth_distance(self._project(q))
@@ -217,3 +229,55 @@ def summarize_shift(
             f"median shift score {med:.3f} vs {ref_med:.3f} at the source"
         )
     return ShiftSummary(len(s), flagged, frac, med, ref_med, detector.threshold_, expected, shifted, msg)
+
+
+def concept_shift_report(
+    reference_scores: np.ndarray, site_scores: np.ndarray, calibrated_scores: np.ndarray, k: int = 5
+) -> dict[str, Any]:
+    """How unlike the source the site's *concept scores* are, before and after the site calibration.
+
+    The image-feature alarm cannot see a calibration (it acts on concept scores), so this one is the same
+    k-th-neighbour score measured on concept scores: a detector fitted on the source reference set's scores scores
+    the site's raw and calibrated scores. It reports a folder; it changes no prediction.
+    """
+    ref = np.asarray(reference_scores, dtype=np.float32)
+    det = SiteShiftDetector(k=min(k, max(1, len(ref) // 5 - 1)), l2_normalise=False).fit(ref)
+    before = summarize_shift(det.score(site_scores), det)
+    after = summarize_shift(det.score(calibrated_scores), det)
+    return {
+        "space": "concept scores",
+        "threshold": round(det.threshold_, 4),
+        "reference_median_score": before.to_dict()["reference_median_score"],
+        "before_calibration": {k: before.to_dict()[k] for k in ("n", "fraction_flagged", "median_score")},
+        "after_calibration": {k: after.to_dict()[k] for k in ("n", "fraction_flagged", "median_score")},
+        "message": (
+            f"concept-score shift against the source reference set: {100 * before.fraction_flagged:.0f}% of images "
+            f"flagged before the site calibration, {100 * after.fraction_flagged:.0f}% after (about "
+            f"{100 * before.expected_fraction:.0f}% expected on source-like images); median score "
+            f"{before.median_score:.3f} -> {after.median_score:.3f} vs {before.reference_median_score:.3f} "
+            "at the source"
+        ),
+    }
+
+
+def looks_like_another_modality(
+    scores: np.ndarray, detector: SiteShiftDetector, min_fraction: float = 0.95, score_ratio: float = 2.0
+) -> str:
+    """A reason when a site sample looks like another modality to the image-feature alarm, else ``""``.
+
+    A stain or scanner change moves images out of the source's range; another modality (or a folder of
+    unrelated images) puts nearly all of them far beyond it: at least ``min_fraction`` flagged *and* a median
+    score above ``score_ratio`` times the flag threshold.
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    if len(s) == 0:
+        return ""
+    frac = float((s > detector.threshold_).mean())
+    med = float(np.median(s))
+    if frac >= min_fraction and med > score_ratio * detector.threshold_:
+        return (
+            f"{100 * frac:.0f}% of the site images are flagged by the site-shift alarm with a median score "
+            f"{med:.3g}, over {score_ratio:g}x the threshold {detector.threshold_:.3g}: these look like another "
+            "modality or unrelated images, not this bundle's kind of image"
+        )
+    return ""

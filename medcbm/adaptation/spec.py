@@ -1,8 +1,10 @@
 # Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
 """``adaptation.json``: the typed, validated test-time edit of a bundle (CONTRACT.md, METHODS.md §2).
 
-The edit is a concept mask (masked scores take the concept's neutral value) and a per-concept gain.
-Everything else in the file says why (``reasons``), what it did (accuracies before/after on the support
+The edit is a concept mask (masked scores take the concept's neutral value) and a per-concept gain. Fitted on an
+unlabelled site sample, the file may also hold a per-concept monotone ``calibration`` of the concept scores (applied
+before the edit) and a ``label_shift`` logit offset (added to the logits); empty objects mean none. Everything else
+in the file says why (``reasons``), what it did (accuracies before/after on the support
 set and on the source reference set) and on what (``provenance``: bundle, support CSV / image hashes).
 """
 
@@ -54,6 +56,11 @@ class AdaptationSpec:
         warnings: human-readable warnings (e.g. a class missing from the support set).
         missing_classes: bundle classes with no support image.
         method: the search's parameters (thresholds, gamma_max, guard tolerance, ...).
+        calibration: ``{}`` or ``{"space": "logit" | "score", "concepts": {concept id: {"slope": > 0,
+            "intercept": number, "reason": text, ...}}, ...}``: score ``u`` (its logit in ``logit`` space) becomes
+            ``slope * u + intercept`` before the edit (:mod:`medcbm.adaptation.calibration`).
+        label_shift: ``{}`` or ``{"applied": bool, "reason": text, "logit_offset": {class: number}, ...}``: when
+            applied, the offsets are added to the logits (:mod:`medcbm.adaptation.label_shift`).
         format_version: version of this file format.
     """
 
@@ -68,6 +75,8 @@ class AdaptationSpec:
     warnings: list[str] = field(default_factory=list)
     missing_classes: list[str] = field(default_factory=list)
     method: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    label_shift: dict[str, Any] = field(default_factory=dict)
     format_version: str = SPEC_FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -119,9 +128,12 @@ class AdaptationSpec:
             v = getattr(self, name)
             if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
                 raise AdaptationSpecError(f"{w}{name!r} must be a list of strings")
+        _check_calibration(self.calibration, w)
+        _check_label_shift(self.label_shift, w)
         if concept_ids is not None:
             known = set(concept_ids)
-            unknown = sorted({*self.mask, *self.gain, *self.reasons} - known)
+            calibrated = set(self.calibration.get("concepts", {}))
+            unknown = sorted({*self.mask, *self.gain, *self.reasons, *calibrated} - known)
             if unknown:
                 raise AdaptationSpecError(
                     f"{w}unknown concept ids {unknown}; this bundle's concepts are {list(concept_ids)}"
@@ -140,6 +152,8 @@ class AdaptationSpec:
             "missing_classes": list(self.missing_classes),
             "warnings": list(self.warnings),
             "method": dict(self.method),
+            "calibration": dict(self.calibration),
+            "label_shift": dict(self.label_shift),
             "provenance": dict(self.provenance),
         }
 
@@ -216,9 +230,63 @@ class AdaptationSpec:
 
     # ------------------------------------------------------------------ use
     def apply(self, network: Any) -> Any:
-        """Set this edit on a :class:`~medcbm.networks.ConceptBottleneckClassifier` (``network.set_edit``)."""
-        self.validate(getattr(network, "concepts", None))
+        """Set this adaptation on a :class:`~medcbm.networks.ConceptBottleneckClassifier`: the site calibration and
+        label-shift offset (``network.set_site_calibration``; identity / zeros when the file has none), then the
+        edit (``network.set_edit``)."""
+        concepts = list(getattr(network, "concepts", []))
+        self.validate(concepts or None)
+        slope, intercept = [1.0] * len(concepts), [0.0] * len(concepts)
+        for cid, m in self.calibration.get("concepts", {}).items():
+            k = concepts.index(cid)
+            slope[k], intercept[k] = float(m["slope"]), float(m["intercept"])
+        offset = None
+        if self.label_shift.get("applied"):
+            table = self.label_shift["logit_offset"]
+            missing = [c for c in network.targets if c not in table]
+            if missing or set(table) - set(network.targets):
+                raise AdaptationSpecError(
+                    f"'label_shift.logit_offset' must name exactly this bundle's classes {list(network.targets)}, "
+                    f"got {sorted(table)}"
+                )
+            offset = [float(table[c]) for c in network.targets]
+        network.set_site_calibration(slope, intercept, self.calibration.get("space", "logit") == "logit", offset)
         return network.set_edit(list(self.mask), dict(self.gain))
+
+
+def _check_calibration(cal: Any, w: str) -> None:
+    """``calibration``: empty, or a space and per-concept monotone (slope > 0) affine maps, each with a reason."""
+    if not isinstance(cal, dict):
+        raise AdaptationSpecError(f"{w}'calibration' must be an object")
+    if not cal:
+        return
+    if cal.get("space") not in ("logit", "score"):
+        raise AdaptationSpecError(f"{w}'calibration.space' must be 'logit' or 'score', got {cal.get('space')!r}")
+    concepts = cal.get("concepts", {})
+    if not isinstance(concepts, dict):
+        raise AdaptationSpecError(f"{w}'calibration.concepts' must be an object concept_id -> map")
+    for cid, m in concepts.items():
+        if not isinstance(m, dict) or not isinstance(m.get("reason"), str):
+            raise AdaptationSpecError(f"{w}calibration of concept {cid!r} must be an object with a 'reason' text")
+        slope, intercept = m.get("slope"), m.get("intercept")
+        if not (_finite_number(slope) and slope > 0 and _finite_number(intercept)):
+            raise AdaptationSpecError(
+                f"{w}calibration of concept {cid!r} needs a finite slope > 0 (monotone) and a finite intercept, "
+                f"got slope {slope!r}, intercept {intercept!r}"
+            )
+
+
+def _check_label_shift(ls: Any, w: str) -> None:
+    """``label_shift``: empty, or ``applied`` with a reason and, when applied, finite per-class logit offsets."""
+    if not isinstance(ls, dict):
+        raise AdaptationSpecError(f"{w}'label_shift' must be an object")
+    if not ls:
+        return
+    if not isinstance(ls.get("applied"), bool) or not isinstance(ls.get("reason"), str):
+        raise AdaptationSpecError(f"{w}'label_shift' needs 'applied' (true/false) and a 'reason' text")
+    if ls["applied"]:
+        table = ls.get("logit_offset")
+        if not isinstance(table, dict) or not table or not all(_finite_number(v) for v in table.values()):
+            raise AdaptationSpecError(f"{w}'label_shift.logit_offset' must map every class to a finite number")
 
 
 def _reject_constant(name: str) -> Any:

@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..adaptation.shift import concept_shift_report
 from ..bundle import LoadedBundle
 from ..data import InputRecord, list_inputs, make_sample_inputs
 from ..engine import PredictionEngine, dist_rank_world, shard_indices
@@ -249,8 +250,11 @@ class InferenceRunner(BundleJob):
             desc="inference",
         )
         mine = shard_indices(len(records), rank, world, block=self.batch_size)
+        raw_scores: list[np.ndarray] = []  # unadapted concept scores of this run's rows, for the concept-shift figure
         try:
             for res in engine.iter_batches(records, mine, done):
+                if res.scores_unedited is not None:
+                    raw_scores.append(res.scores_unedited)
                 for j, i in enumerate(res.ok):
                     row = explain_row(bundle, j, res, self.top_k, self.concept_columns)
                     journal.append(records[i].image, res.sha256.get(i), row)
@@ -264,7 +268,8 @@ class InferenceRunner(BundleJob):
             torch.distributed.barrier()
         if rank != 0:
             return 0
-        return self._finish(bundle, records, columns, journal, is_sample, engine, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        return self._finish(bundle, records, columns, journal, is_sample, engine, seconds, raw_scores)
 
     def _finish(
         self,
@@ -275,6 +280,7 @@ class InferenceRunner(BundleJob):
         is_sample: bool,
         engine: PredictionEngine,
         seconds: float,
+        raw_scores: Sequence[np.ndarray] = (),
     ) -> int:
         entries = journal.read()
         rows: dict[str, dict[str, Any]] = {}
@@ -311,6 +317,10 @@ class InferenceRunner(BundleJob):
                 "unreliable here. Consider adapting the bundle with configs/adapt.yaml on a few labelled local images."
             )
             logger.warning("%s", summary["site_shift"]["message"])
+        concept_space = _calibrated_shift(bundle, raw_scores)
+        if concept_space:
+            summary["site_shift"]["concept_space"] = concept_space
+            logger.info("%s", concept_space["message"])
         write_json_atomic(self.output_dir / "run_summary.json", summary)
         self.summary = summary
         logger.info(
@@ -322,3 +332,20 @@ class InferenceRunner(BundleJob):
             seconds,
         )
         return n_err
+
+
+def _calibrated_shift(bundle: LoadedBundle, raw_scores: Sequence[np.ndarray]) -> dict[str, Any]:
+    """With an adaptation that calibrates concept scores: the run's concept-score shift against the source reference
+    set before and after the calibration (a folder figure; no prediction depends on it). Else ``{}``."""
+    spec = bundle.adaptation
+    if spec is None or not getattr(spec, "calibration", None) or bundle.reference is None or not len(raw_scores):
+        return {}
+    raw = np.concatenate(list(raw_scores))
+    if len(raw) == 0:
+        return {}
+    net = bundle.network
+    with torch.no_grad():
+        calibrated = net.calibrate(torch.as_tensor(raw, dtype=torch.float32, device=net.head.weight.device))
+    out = concept_shift_report(bundle.reference.scores, raw, calibrated.cpu().numpy())
+    out["adaptation"] = bundle.info.get("adaptation", "")
+    return out
