@@ -50,8 +50,10 @@ def bundle_records(bundle: str) -> dict[str, list[dict]]:
         out["train"] += [r for r in dataset_records(name, **kwargs) if r["split"] == "train"]
     if "test" in spec:
         out["test"] = dataset_records(spec["test"][0], **spec["test"][1])
+    seen = {r["patient_id"] for r in out["train"] + out["val"] if r.get("patient_id")}
     for key, (name, kwargs) in spec.get("extra_tests", {}).items():
-        out[key] = dataset_records(name, **kwargs)
+        # another dataset's test split may hold patients of this training data (NIH 64 px vs 256 px): drop them
+        out[key] = [r for r in dataset_records(name, **kwargs) if r.get("patient_id") not in seen]
     return out
 
 

@@ -133,7 +133,7 @@ def evaluate(bundle: str, models_dir: str | None = None) -> dict:
     probe_proba = probe.predict_proba(te["X"])
     res = {
         "bundle": bundle,
-        "model": getattr(net, "model_info", None) or {"backbone": f"local-dir:{models / 'backbone'}"},
+        "model": _relative(getattr(net, "model_info", None) or {"backbone": f"local-dir:{models / 'backbone'}"}),
         "n": {s: int(len(data["splits"][s]["y"])) for s in ("train", "val", "test")},
         "concepts_used": len(net.concepts),
         "concepts_in_bank": bank.num_concepts,
@@ -161,6 +161,11 @@ def evaluate(bundle: str, models_dir: str | None = None) -> dict:
     for key in sorted(set(data["splits"]) - {"train", "val", "test"}):
         res[key] = extra_test(net, probe, bank, data["splits"][key])
     return res
+
+
+def _relative(info: dict) -> dict:
+    """Paths inside the repository written relative to it (results files carry no machine paths)."""
+    return {k: v.replace(f"{REPO}/", "") if isinstance(v, str) else v for k, v in info.items()}
 
 
 def concept_auroc(net, bank, scores: np.ndarray, labels: np.ndarray) -> dict:

@@ -34,7 +34,6 @@ CONTRACT_CLASSES = {
     "cxr_cbm": ["normal", "abnormal"],
     "blood_cbm": ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"],
 }
-INPUT_SIZE = {"derm_cbm": 128, "cxr_cbm": 64, "blood_cbm": 96}
 BUNDLES = sorted(CONTRACT_CLASSES)
 REQUIRED_PACKAGES = {
     "medcbm",
@@ -45,6 +44,7 @@ REQUIRED_PACKAGES = {
     "safetensors",
     "fire",
     "pyyaml",
+    "timm",
 }
 SPEC_TENSOR_KEYS = {
     "type",
@@ -167,12 +167,15 @@ def test_class_names_match_contract(bundle):
 def test_input_format(bundle):
     image = _load_meta(bundle)["network_data_format"]["inputs"]["image"]
     assert set(image) >= SPEC_TENSOR_KEYS
-    size = INPUT_SIZE[bundle]
-    assert image["spatial_shape"] == [size, size]
+    # what the shipped backbone takes: its preprocess_cfg size, and [0, 1] pixels after its normalisation
+    pp = json.loads((REPO / "bundles" / bundle / "models" / "backbone" / "open_clip_config.json").read_text())
+    pp = pp["preprocess_cfg"]
+    assert image["spatial_shape"] == [pp["size"], pp["size"]]
     assert image["num_channels"] == 3 and image["dtype"] == "float32" and image["is_patch_data"] is False
     assert sorted(image["channel_def"]) == ["0", "1", "2"]
     lo, hi = image["value_range"]
-    assert lo < 0 < 1 < hi  # CLIP-normalised, not [0, 1]
+    assert lo == pytest.approx(min(-m / s for m, s in zip(pp["mean"], pp["std"])), abs=1e-4)
+    assert hi == pytest.approx(max((1 - m) / s for m, s in zip(pp["mean"], pp["std"])), abs=1e-4)
 
 
 # ---------------------------------------------------------------- rejection of broken metadata

@@ -111,7 +111,7 @@ ALLOWED = [
     (r"`?\[0\.0, 0\.01, 0\.1, 1\.0, 3\.0, 10\.0\]`?", "the prior-strength grid (configs/train.yaml)"),
     (r"within 0\.01 \(1 point\)|prior_tolerance: 0\.01", "the prior-strength selection tolerance (configs/train.yaml)"),
     (r"Apache-2\.0", "licence name"),
-    (r"mean = std = 0\.5|\(x - 0\.5\) / 0\.5|`?\[-1(?:\.0)?, 1(?:\.0)?\]`?", "EfficientNet-Lite normalisation (recipes)"),
+    (r"mean = std = 0\.5|\(x - 0\.5\) / 0\.5|`?\[-1(?:\.0)?, 1(?:\.0)?\]`?", "EfficientNet-Lite normalisation"),
     (r"\(15 % per class, stratified", "the derm train/val split rule"),
     (r"about 90 % (?:label accuracy|accurate)", "NIH's published label accuracy (Wang et al. 2017, cited)"),
     (r"about 1\.7 GB", "download size of the third-party hub weights (large_files.yml)"),
