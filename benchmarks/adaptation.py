@@ -78,7 +78,7 @@ METHODS = (
     "site_both",
     "site_both_edit",
 )
-DATASETS = {"blood_cbm": "pbc_wbcatt", "cxr_cbm": "nih_cxr14", "derm_cbm": "isic2017"}
+DATASETS = {"blood_cbm": "pbc_wbcatt", "cxr_cbm": "nih_cxr14_256", "derm_cbm": "isic2017"}
 SHIFTS = {
     "blood_cbm": ("synthetic_stain", "synthetic_blur_jpeg"),
     "cxr_cbm": ("synthetic_contrast", "synthetic_blur_jpeg"),
