@@ -427,8 +427,8 @@ def evaluate_bundle(name: str, bundles_dir: Path, cache_dir: Path, ks, draws) ->
 
 
 # ---------------------------------------------------------------------------------------------- docs table
-def _cell(entry: dict[str, Any]) -> str:
-    if "skipped" in entry:
+def _cell(entry: dict[str, Any] | None) -> str:
+    if entry is None or "skipped" in entry:  # None: a method this bundle's stored run predates
         return "n/a"
     t = entry["target_balanced_accuracy"]
     return f"{t['mean']:.3f} ± {t['sd']:.3f}"
@@ -457,7 +457,7 @@ def docs_block(results: dict[str, Any], source: str) -> str:
                 ce = m["concept_edit"]
                 lines.append(
                     f"| {bname} | {sname} | {k} | "
-                    + " | ".join(_cell(m[x]) for x in METHODS)
+                    + " | ".join(_cell(m.get(x)) for x in METHODS)
                     + f" | {ce['max_source_drop_points']:.1f} | {ce['n_edited']['mean']:.1f} |"
                 )
     lines += [
@@ -471,7 +471,10 @@ def docs_block(results: dict[str, Any], source: str) -> str:
         for sname, sc in b.get("scenarios", {}).items():
             for k, row in sc["by_k"].items():
                 m = row["methods"]
-                cells = ["n/a" if "skipped" in m[x] else f"{m[x]['max_source_drop_points']:.1f}" for x in METHODS[1:]]
+                cells = [
+                    "n/a" if x not in m or "skipped" in m[x] else f"{m[x]['max_source_drop_points']:.1f}"
+                    for x in METHODS[1:]
+                ]
                 lines.append(f"| {bname} | {sname} | {k} | " + " | ".join(cells) + " |")
     times = [
         row["methods"]["concept_edit"]["seconds"]["max"]
@@ -537,6 +540,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             results["bundles"][name] = {"error": f"{type(e).__name__}: {e}"}
         print(f"{name}: done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     results["seconds"] = round(time.perf_counter() - t0, 1)
+    if args.out.is_file():  # bundles run earlier keep their entries (one bundle can be re-run alone)
+        earlier = json.loads(args.out.read_text()).get("bundles", {})
+        names = sorted({*earlier, *results["bundles"]})
+        results["bundles"] = {b: results["bundles"].get(b, earlier.get(b)) for b in names}
     atomic_write_json(args.out, results)
     update_docs(args.docs, docs_block(results, _rel(args.out)))
     print(json.dumps(results, indent=1))
