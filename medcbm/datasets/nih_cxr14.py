@@ -169,23 +169,31 @@ def nih_cxr14_records(
         origin = f"{folder / 'labels.csv'}:{row['image_id']}"
         if row["label_abnormal"].strip() not in ("0", "1"):
             raise ValueError(f"{origin}: label_abnormal must be 0 or 1, got {row['label_abnormal']!r}")
-        findings = _findings_of(row, origin)
-        path = (folder / row["file"]).resolve()
-        check_file(path, row["sha256"], verify_hashes)
-        record: dict[str, Any] = {
-            "image": str(path),
-            "label": "abnormal" if row["label_abnormal"].strip() == "1" else "normal",
-            "split": split,
-            "image_id": row["image_id"],
-            "patient_id": patient,
-            "view_position": row["view_position"].strip(),
-            "sha256": row["sha256"].strip().lower(),
-            "findings": findings,
-            "dataset": DATASET,
-        }
-        record.update(finding_concepts(findings))
-        records.append(record)
+        label = "abnormal" if row["label_abnormal"].strip() == "1" else "normal"
+        records.append(_record(row, folder, origin, label, row["view_position"], DATASET, verify_hashes))
     return records
+
+
+def _record(
+    row: dict[str, str], folder: Path, origin: str, label: str, view: str, dataset: str, verify_hashes: bool
+) -> dict[str, Any]:
+    """One record of an NIH labels.csv row (both NIH sets share the finding columns)."""
+    findings = _findings_of(row, origin)
+    path = (folder / row["file"]).resolve()
+    check_file(path, row["sha256"], verify_hashes)
+    record: dict[str, Any] = {
+        "image": str(path),
+        "label": label,
+        "split": row["split"].strip(),
+        "image_id": row["image_id"],
+        "patient_id": row["patient_id"].strip(),
+        "view_position": view.strip(),
+        "sha256": row["sha256"].strip().lower(),
+        "findings": findings,
+        "dataset": dataset,
+    }
+    record.update(finding_concepts(findings))
+    return record
 
 
 DATASET_256 = "nih_cxr14_256"
@@ -216,20 +224,5 @@ def nih_cxr14_256_records(
         label = row["label"].strip()
         if label not in CXR_CLASSES:
             raise ValueError(f"{origin}: label must be one of {list(CXR_CLASSES)}, got {label!r}")
-        findings = _findings_of(row, origin)
-        path = (folder / row["file"]).resolve()
-        check_file(path, row["sha256"], verify_hashes)
-        record: dict[str, Any] = {
-            "image": str(path),
-            "label": label,
-            "split": split,
-            "image_id": row["image_id"],
-            "patient_id": row["patient_id"].strip(),
-            "view_position": row["view"].strip(),
-            "sha256": row["sha256"].strip().lower(),
-            "findings": findings,
-            "dataset": DATASET_256,
-        }
-        record.update(finding_concepts(findings))
-        records.append(record)
+        records.append(_record(row, folder, origin, label, row["view"], DATASET_256, verify_hashes))
     return records
