@@ -357,7 +357,8 @@ def audit_bundle(
         audit["concept_auroc"] = None
         audit["concept_existence"] = None
     audit["concept_location"] = None  # set below when the input has boxes
-    audit["deletion"] = M.deletion(S, W, net.head.bias.detach().cpu().numpy(), neutral)
+    bias = (net.head.bias + net.class_offset).detach().cpu().numpy()  # with a site's label-shift offset
+    audit["deletion"] = M.deletion(S, W, bias, neutral)
     # cards with concept maps, and the maps checked against boxes
     cards: list[ImageCard] = []
     mapper = None
