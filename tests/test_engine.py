@@ -17,33 +17,15 @@ from medcbm.bundle import BundleLoadError, LoadedBundle
 from medcbm.engine import PredictionEngine, content_sha256, shard_indices
 from medcbm.networks import read_cbm_state, save_cbm_state
 from medcbm.sinks import OutputBusyError, OutputLock
-from medcbm.workflows import InferenceRunner, TrainingRunner
+from medcbm.workflows import InferenceRunner
 from medcbm.workflows.infer import format_top_concepts, top_concepts
-from test_workflows import _toy_bank, _toy_images, _write_csv
+from test_workflows import _fit_toy_bundle
 
 
 @pytest.fixture(scope="module")
 def toy_bundle_dir(tmp_path_factory, tiny_backbone_spec):
     """A bundle folder (configs/concepts.yaml + models/) re-fitted on toy red/blue images."""
-    root = tmp_path_factory.mktemp("toy_bundle")
-    (root / "configs").mkdir()
-    bank = _toy_bank(root / "configs" / "concepts.yaml")
-    rows = _toy_images(root / "imgs")
-    base = root / "base_models"
-    shutil.copytree(tiny_backbone_spec[len("local-dir:") :], base / "backbone")
-    _write_csv(root / "imgs" / "train.csv", rows[0::2], True)
-    _write_csv(root / "imgs" / "val.csv", rows[1::2], True)
-    TrainingRunner(
-        bank,
-        root / "imgs" / "train.csv",
-        root / "imgs" / "val.csv",
-        root / "models",
-        base,
-        cache_dir=root / "cache",
-        drop_ungroundable=False,
-        exit_on_error=False,
-    ).run()
-    return root
+    return _fit_toy_bundle(tmp_path_factory.mktemp("toy_bundle"), tiny_backbone_spec)
 
 
 def _read(path):

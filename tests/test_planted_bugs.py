@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import shutil
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,29 +26,16 @@ from medcbm.audit import metrics as M
 from medcbm.bundle import LoadedBundle
 from medcbm.concepts import ConceptBank
 from medcbm.data import InputRecord, list_inputs
-from medcbm.workflows import TrainingRunner
 from medcbm.workflows.audit import audit_bundle, explain, what_if_values
 from medcbm.workflows.train import concept_label_matrix, parse_concept_label
-from test_workflows import _toy_bank, _toy_images, _write_csv
+from test_workflows import _fit_toy_bundle
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope="module")
 def toy_root(tmp_path_factory, tiny_backbone_spec):
     """A bundle folder fitted on toy red/blue images (probe grounding, a reference set with a shift alarm)."""
-    root = tmp_path_factory.mktemp("planted_toy")
-    (root / "configs").mkdir()
-    bank = _toy_bank(root / "configs" / "concepts.yaml")
-    rows = _toy_images(root / "imgs")
-    base = root / "base_models"
-    shutil.copytree(tiny_backbone_spec[len("local-dir:") :], base / "backbone")
-    _write_csv(root / "imgs" / "train.csv", rows[0::2], True)
-    _write_csv(root / "imgs" / "val.csv", rows[1::2], True)
-    TrainingRunner(
-        bank, root / "imgs" / "train.csv", root / "imgs" / "val.csv", root / "models", base,
-        cache_dir=root / "cache", drop_ungroundable=False, exit_on_error=False,
-    ).run()  # fmt: skip
-    return root
+    return _fit_toy_bundle(tmp_path_factory.mktemp("planted_toy"), tiny_backbone_spec)
 
 
 def _audit_csv(root, path):

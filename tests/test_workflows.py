@@ -66,6 +66,28 @@ def _write_csv(path, rows, with_concepts):
             w.writerow(list(r[:2]) + (list(r[2:]) if with_concepts else []))
 
 
+def _fit_toy_bundle(root, tiny_backbone_spec):
+    """A bundle folder (configs/concepts.yaml + models/) re-fitted on toy red/blue images; returns ``root``."""
+    (root / "configs").mkdir()
+    bank = _toy_bank(root / "configs" / "concepts.yaml")
+    rows = _toy_images(root / "imgs")
+    base = root / "base_models"
+    shutil.copytree(tiny_backbone_spec[len("local-dir:") :], base / "backbone")
+    _write_csv(root / "imgs" / "train.csv", rows[0::2], True)
+    _write_csv(root / "imgs" / "val.csv", rows[1::2], True)
+    TrainingRunner(
+        bank,
+        root / "imgs" / "train.csv",
+        root / "imgs" / "val.csv",
+        root / "models",
+        base,
+        cache_dir=root / "cache",
+        drop_ungroundable=False,
+        exit_on_error=False,
+    ).run()
+    return root
+
+
 @pytest.fixture
 def toy_site(tmp_path, tiny_backbone_spec):
     bank = _toy_bank(tmp_path / "concepts.yaml")
