@@ -76,6 +76,18 @@ def bundle_split_features(bundle: str, backbone: str | None = None, cache_dir: s
     return out
 
 
+def merge_results(path: str | Path, results: dict) -> dict:
+    """Write ``results`` (one entry per bundle) into the JSON file at ``path``, keeping the bundles already there."""
+    import json
+
+    path = Path(path)
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged.update(results)
+    merged = {b: merged[b] for b in sorted(merged)}
+    path.write_text(json.dumps(merged, indent=2) + "\n")
+    return merged
+
+
 def nan_safe(x):
     if isinstance(x, dict):
         return {k: nan_safe(v) for k, v in x.items()}

@@ -19,12 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import REPO, bundle_records, nan_safe
+from common import REPO, bundle_records, merge_results, nan_safe
 
 from medcbm.augment import SiteShiftAugment
 from medcbm.backbones import load_backbone
@@ -156,10 +155,7 @@ def main() -> None:
     results = nan_safe({b: compare(b) for b in args.bundle})
     print(json.dumps(results, indent=2))
     if args.out:
-        out = Path(args.out)
-        merged = json.loads(out.read_text()) if out.is_file() else {}
-        merged.update(results)
-        out.write_text(json.dumps({b: merged[b] for b in sorted(merged)}, indent=2) + "\n")
+        merge_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -30,11 +30,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import BUNDLES, REPO, bundle_split_features, nan_safe
+from common import BUNDLES, REPO, bundle_split_features, merge_results, nan_safe
 
 from medcbm.fitting import classification_metrics
 from medcbm.metrics import balanced_accuracy
 from medcbm.workflows import load_bundle_network
+
+
+@torch.no_grad()
+def cbm_predict(net, features) -> tuple[np.ndarray, np.ndarray]:
+    """Concept scores and class probabilities of cached features, through the network's own logits."""
+    scores = net.concept_scores_from_features(torch.as_tensor(features))
+    return scores.numpy(), torch.softmax(net.logits_from_scores(scores), 1).numpy()
 
 
 def linear_probe(X, y, Xv, yv, n_classes, grid=(0.01, 0.1, 1.0, 10.0, 100.0)):
@@ -68,8 +75,7 @@ def out_of_site_blood(net, backbone_spec: str, probe, bank) -> dict:
     if res.errors:
         raise RuntimeError(f"unreadable bccd_wbc_dev images: {res.errors}")
     y = np.array([bank.class_index(r["label"]) for r in recs])
-    with torch.no_grad():
-        proba = torch.softmax(net.head(net.concept_scores_from_features(torch.as_tensor(res.features))), 1).numpy()
+    _, proba = cbm_predict(net, res.features)
     probe_proba = probe.predict_proba(res.features)
     counts = {name: int((y == c).sum()) for c, name in enumerate(bank.classes)}
     return {
@@ -124,11 +130,7 @@ def evaluate(bundle: str, models_dir: str | None = None) -> dict:
         channel_mode=BUNDLES[bundle]["channel_mode"],
     )
     tr, va, te = (data["splits"][s] for s in ("train", "val", "test"))
-    with torch.no_grad():
-        f = torch.as_tensor(te["X"])
-        scores = net.concept_scores_from_features(f)
-        proba = torch.softmax(net.head(scores), 1).numpy()
-        scores = scores.numpy()
+    scores, proba = cbm_predict(net, te["X"])
     probe, l2 = linear_probe(tr["X"], tr["y"], va["X"], va["y"], bank.num_classes)
     probe_proba = probe.predict_proba(te["X"])
     res = {
@@ -151,8 +153,7 @@ def evaluate(bundle: str, models_dir: str | None = None) -> dict:
 
         if shared_data_root() is not None and (shared_data_root() / "bccd_wbc_dev").is_dir():
             res["out_of_site_bccd_wbc_dev"] = out_of_site_blood(net, f"local-dir:{models / 'backbone'}", probe, bank)
-    with torch.no_grad():
-        val_proba = torch.softmax(net.head(net.concept_scores_from_features(torch.as_tensor(va["X"]))), 1).numpy()
+    _, val_proba = cbm_predict(net, va["X"])
     res["cbm_val"] = classification_metrics(va["y"], val_proba, bank.classes)
     res["linear_probe_val"] = classification_metrics(va["y"], probe.predict_proba(va["X"]), bank.classes)
     res["concept_auroc_test"] = concept_auroc(net, bank, scores, te["C"])
@@ -188,13 +189,11 @@ def by_view(split: dict, proba: np.ndarray, bank) -> dict:
 
 def extra_test(net, probe, bank, split: dict) -> dict:
     """CBM and probe metrics, and concept AUROC, on a further held-out set."""
-    with torch.no_grad():
-        scores = net.concept_scores_from_features(torch.as_tensor(split["X"]))
-        proba = torch.softmax(net.head(scores), 1).numpy()
+    scores, proba = cbm_predict(net, split["X"])
     return {
         "cbm": classification_metrics(split["y"], proba, bank.classes),
         "linear_probe": classification_metrics(split["y"], probe.predict_proba(split["X"]), bank.classes),
-        "concept_auroc": concept_auroc(net, bank, scores.numpy(), split["C"]),
+        "concept_auroc": concept_auroc(net, bank, scores, split["C"]),
     }
 
 
@@ -207,10 +206,7 @@ def main() -> None:
     results = nan_safe({b: evaluate(b, args.models_dir) for b in args.bundle})
     print(json.dumps(results, indent=2))
     if args.out:
-        out = Path(args.out)
-        merged = json.loads(out.read_text()) if out.is_file() else {}
-        merged.update(results)
-        out.write_text(json.dumps({b: merged[b] for b in sorted(merged)}, indent=2))
+        merge_results(args.out, results)
 
 
 if __name__ == "__main__":
