@@ -174,15 +174,20 @@ class KnowledgePriorHead:
         self._set_raw_params(W_best, b_best)
         return self
 
-    def _signs(self, W: np.ndarray) -> dict[str, float | int | None]:
-        """Sign agreement with the prior and the number of contradicting weights (the trade-off curve)."""
+    def _sign_stats(self, W: np.ndarray) -> tuple[float, int] | None:
+        """Sign agreement of ``W`` with the prior's non-zero entries and the number of contradicting weights."""
         if self.prior is None or not np.any(self.prior):
-            return {"prior_sign_agreement": None, "prior_contradictions": None}
+            return None
         nz = self.prior != 0
-        return {
-            "prior_sign_agreement": round(float((np.sign(W[nz]) == self.prior[nz]).mean()), 4),
-            "prior_contradictions": int((np.sign(W[nz]) == -self.prior[nz]).sum()),
-        }
+        signs = np.sign(W[nz])
+        return float((signs == self.prior[nz]).mean()), int((signs == -self.prior[nz]).sum())
+
+    def _signs(self, W: np.ndarray) -> dict[str, float | int | None]:
+        """The trade-off curve's entries: sign agreement (rounded) and contradicting weights."""
+        stats = self._sign_stats(W)
+        if stats is None:
+            return {"prior_sign_agreement": None, "prior_contradictions": None}
+        return {"prior_sign_agreement": round(stats[0], 4), "prior_contradictions": stats[1]}
 
     def _unpack(self, theta: np.ndarray, K: int) -> tuple[np.ndarray, np.ndarray]:
         C = self.n_classes_
@@ -297,7 +302,5 @@ class KnowledgePriorHead:
     def prior_agreement(self) -> float:
         """Fraction of non-zero prior entries whose sign the fitted weights follow."""
         self._check_fitted()
-        if self.prior is None or not np.any(self.prior):
-            return float("nan")
-        nz = self.prior != 0
-        return float((np.sign(self.coef_[nz]) == self.prior[nz]).mean())
+        stats = self._sign_stats(self.coef_)
+        return float("nan") if stats is None else stats[0]
