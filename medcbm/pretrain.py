@@ -141,33 +141,6 @@ def _optimizer(model: torch.nn.Module, extra: list[torch.nn.Parameter], cfg: dic
     return torch.optim.AdamW(groups, lr=lr, weight_decay=float(cfg.get("weight_decay", 0.05)))
 
 
-#: Augmentation keys of the first recipes (before :mod:`medcbm.augment`); kept so their backbones rebuild.
-LEGACY_AUGMENT_KEYS = frozenset({"flip", "vflip", "rot90", "shift", "intensity"})
-
-
-def _legacy_augment(x: torch.Tensor, aug: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
-    """The first recipes' augmentation (flips, a rot90 per batch, roll, gain/bias) on normalised images."""
-    if aug.get("flip"):
-        flip = torch.rand(x.shape[0], generator=gen) < 0.5
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        if aug.get("vflip", True):
-            flip = torch.rand(x.shape[0], generator=gen) < 0.5
-            x = torch.where(flip[:, None, None, None], x.flip(-2), x)
-    if aug.get("rot90"):
-        k = int(torch.randint(0, 4, (1,), generator=gen))
-        x = torch.rot90(x, k, dims=(-2, -1))
-    shift = int(aug.get("shift", 0))
-    if shift:
-        dx, dy = (int(v) for v in torch.randint(-shift, shift + 1, (2,), generator=gen))
-        x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
-    if aug.get("intensity"):
-        s = aug["intensity"]
-        gain = 1 + s * (2 * torch.rand(x.shape[0], 1, 1, 1, generator=gen) - 1)
-        bias = s * (2 * torch.rand(x.shape[0], 1, 1, 1, generator=gen) - 1)
-        x = x * gain + bias
-    return x
-
-
 def _init_weights(model: torch.nn.Module, folder: str | Path) -> dict[str, str]:
     """Load a ``local-dir:`` backbone's weights into ``model`` (strict); returns its provenance."""
     from safetensors.torch import load_file
@@ -230,8 +203,7 @@ def pretrain_backbone(
         train, val = train[:limit], val[: max(limit // 4, 10)]
     model_cfg = recipe["model_cfg"]
     size = int(model_cfg["vision_cfg"]["image_size"])
-    legacy_recipe = set(cfg.get("augment", {}) or {}) <= LEGACY_AUGMENT_KEYS
-    load_size = int(cfg.get("load_size", size if legacy_recipe else 2 * size))
+    load_size = int(cfg.get("load_size", 2 * size if cfg.get("augment") else size))
     resize_mode = str(recipe.get("preprocess", {}).get("resize_mode", "shortest"))
     mode = recipe["channel_mode"]
     mean = tuple(recipe.get("preprocess", {}).get("mean", OPENAI_CLIP_MEAN))
@@ -240,25 +212,18 @@ def pretrain_backbone(
     u_tr = load_unit_images([r["image"] for r in train], mode, load_size, resize_mode)
     x_va = _normalise(load_unit_images([r["image"] for r in val], mode, size, resize_mode).float() / 255.0, mean, std)
     augment_cfg = dict(cfg.get("augment", {}) or {})
-    legacy = bool(augment_cfg) and set(augment_cfg) <= LEGACY_AUGMENT_KEYS
-    if legacy:  # the first recipes: no site-shift family, selection on clean val only
+    site = SiteShiftAugment(augment_cfg, size, mode, seed=seed)
+    clean_fraction = float(cfg.get("clean_fraction", 0.0))
 
-        def augmenter(u: torch.Tensor) -> torch.Tensor:
-            return _legacy_augment(_normalise(resize_batch(u, size), mean, std), augment_cfg, gen)
+    def augmenter(u: torch.Tensor) -> torch.Tensor:
+        x = site(u)
+        if clean_fraction > 0:  # some images as inference reads them: BatchNorm statistics also see clean data
+            keep = torch.rand(len(u), generator=gen) < clean_fraction
+            if keep.any():
+                x[keep] = resize_batch(u[keep], size)
+        return _normalise(x, mean, std)
 
-    else:
-        site = SiteShiftAugment(augment_cfg, size, mode, seed=seed)
-        clean_fraction = float(cfg.get("clean_fraction", 0.0))
-
-        def augmenter(u: torch.Tensor) -> torch.Tensor:
-            x = site(u)
-            if clean_fraction > 0:  # some images as inference reads them: BatchNorm statistics also see clean data
-                keep = torch.rand(len(u), generator=gen) < clean_fraction
-                if keep.any():
-                    x[keep] = resize_batch(u[keep], size)
-            return _normalise(x, mean, std)
-
-    shift_cfg = dict(cfg.get("val_shift", {} if legacy else augment_cfg) or {})
+    shift_cfg = dict(cfg.get("val_shift", augment_cfg) or {})
     u_va = load_unit_images([r["image"] for r in val], mode, load_size, resize_mode).float() / 255.0
     shifter = SiteShiftAugment(shift_cfg, size, mode, seed=seed + 1)
     x_vs = torch.cat([_normalise(shifter(u_va[i : i + 256]), mean, std) for i in range(0, len(u_va), 256)])
@@ -323,7 +288,7 @@ def pretrain_backbone(
             bacc_shift = balanced_accuracy(y_va, aux(_embed(model, x_vs)).argmax(1).numpy())
         aucs = [auroc(c_va[~np.isnan(c_va[:, k]), k] > 0.5, z[~np.isnan(c_va[:, k]), k]) for k in range(K)]
         mean_auc = float(np.nanmean(aucs)) if not np.all(np.isnan(aucs)) else float("nan")
-        score = (bacc if legacy else 0.5 * (bacc + bacc_shift)) + 1e-3 * (0 if math.isnan(mean_auc) else mean_auc)
+        score = 0.5 * (bacc + bacc_shift) + 1e-3 * (0 if math.isnan(mean_auc) else mean_auc)
         history.append(
             {
                 "epoch": epoch + 1,
