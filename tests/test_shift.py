@@ -49,8 +49,9 @@ def test_round_trip_through_tensors_and_safetensors(tmp_path):
 
 
 def test_validation():
-    with pytest.raises(ValueError, match="more than k"):
-        SiteShiftDetector(k=5).fit(np.ones((5, 4)))
+    with pytest.raises(ValueError, match="at least 7 images for k = 5"):
+        SiteShiftDetector(k=5).fit(np.random.default_rng(0).normal(size=(6, 4)))
+    SiteShiftDetector(k=5).fit(np.random.default_rng(0).normal(size=(7, 4)))  # every fold keeps 5 neighbours
     with pytest.raises(RuntimeError, match="not fitted"):
         SiteShiftDetector().score(np.ones((1, 4)))
     det = SiteShiftDetector(k=1).fit(np.random.default_rng(0).normal(size=(20, 4)))

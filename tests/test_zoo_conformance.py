@@ -95,6 +95,38 @@ def test_workflow_properties(name, workflow_type, config):
 
 
 @pytest.mark.parametrize("name", BUNDLES)
+def test_zoo_train_pattern_runs_a_smoke_fit_on_the_shipped_examples(name, tmp_path, monkeypatch):
+    """The model zoo's unit-test pattern, with no override but ``output_dir``: the default training data is
+    the bundle's labelled examples, and the fitted folder says it is a smoke fit."""
+    monkeypatch.setenv("MEDCBM_CACHE", str(tmp_path / "cache"))
+    import json
+
+    from monai.bundle import ConfigWorkflow
+
+    b, meta_file, _ = _files(name)
+    wf = ConfigWorkflow(
+        workflow_type="train",
+        config_file=str(b / "configs" / "train.yaml"),
+        meta_file=str(meta_file),
+        logging_file=str(b / "configs" / "logging.conf"),
+        bundle_root=str(b),
+        output_dir=str(tmp_path / "models"),
+    )
+    wf.initialize()
+    assert wf.check_properties() == []
+    assert wf.parser.get_parsed_content("train#dataset#data").endswith("examples/examples.csv")
+    assert wf.parser.get_parsed_content("train#handlers") == []
+    wf.run()
+    wf.finalize()
+    report = json.loads((tmp_path / "models" / "fit_report.json").read_text())
+    n_examples = len((b / "examples" / "examples.csv").read_text().splitlines()) - 1
+    assert report["n_train"] == report["n_val"] == n_examples
+    assert "not a model to use" in report["smoke_fit"]
+    assert report["trained_on"].startswith("smoke fit, not for use")
+    assert (tmp_path / "models" / "cbm.safetensors").is_file()
+
+
+@pytest.mark.parametrize("name", BUNDLES)
 def test_multi_gpu_overlay_merges_after_inference(name):
     from monai.bundle import ConfigParser
 

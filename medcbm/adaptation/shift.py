@@ -72,11 +72,24 @@ class SiteShiftDetector:
         self.chunk = int(chunk)
         self.l2_normalise = bool(l2_normalise)
 
+    #: cross-fitting folds of the reference set (each image is scored against the other folds)
+    n_folds = 5
+
+    @property
+    def min_reference_size(self) -> int:
+        """The fewest reference images for which every fold leaves at least ``k`` neighbours."""
+        n = self.k + 1
+        while n - -(-n // self.n_folds) < self.k:
+            n += 1
+        return n
+
     def fit(self, reference_features: np.ndarray | torch.Tensor) -> "SiteShiftDetector":
         """Store the reference features and set the threshold from their cross-fitted scores."""
         ref = _normalise(reference_features, "reference_features", self.l2_normalise)
-        if len(ref) <= self.k:
-            raise ValueError(f"the reference set needs more than k = {self.k} images, got {len(ref)}")
+        if len(ref) < self.min_reference_size:
+            raise ValueError(
+                f"the reference set needs at least {self.min_reference_size} images for k = {self.k}, got {len(ref)}"
+            )
         self.center_, self.transform_ = self._whitening(ref)
         self.reference_ = self._project(ref)
         self.reference_scores_ = self._cross_fitted_scores(ref)
@@ -97,19 +110,19 @@ class SiteShiftDetector:
         lam, U = np.linalg.eigh(lw.covariance_)
         return lw.location_.astype(np.float32), (U / np.sqrt(np.maximum(lam, 1e-12))).astype(np.float32)
 
-    def _cross_fitted_scores(self, ref: np.ndarray, n_folds: int = 5) -> np.ndarray:
+    def _cross_fitted_scores(self, ref: np.ndarray) -> np.ndarray:
         """Each reference image scored by a detector fitted without it (whitening included).
 
         Plain leave-one-out would reuse a whitening fitted on the scored image itself, which shrinks its
         own distances and puts the threshold too low; folds keep the scored images out of both parts.
         """
         n = len(ref)
-        folds = np.arange(n) % min(n_folds, n)  # deterministic, interleaved
+        folds = np.arange(n) % min(self.n_folds, n)  # deterministic, interleaved
         out = np.empty(n, dtype=np.float32)
         for f in np.unique(folds):
             rest = ref[folds != f]
             if len(rest) < self.k:
-                raise ValueError(f"the reference set is too small for k = {self.k} with {n_folds} folds")
+                raise ValueError(f"the reference set is too small for k = {self.k} with {self.n_folds} folds")
             c, T = self._whitening(rest)
             sub = SiteShiftDetector(self.k, self.quantile, self.whiten, self.chunk, self.l2_normalise)
             sub.center_, sub.transform_ = c, T

@@ -84,6 +84,8 @@ class TrainingRunner:
         cache_dir: feature cache folder (default ``~/.cache/medcbm/features``).
         trained_on: a description of the data, recorded in the fitted model.
         drop_ungroundable: drop concepts whose grounding is no better than chance on ``val``.
+        examples_csv: the bundle's shipped example images with labels. Training on exactly that file is a
+            smoke fit (``val`` defaults to it too); ``fit_report.json`` then says the models are not for use.
         exit_on_error: on bad input end the process with status 2 and a one-line reason (the bundle CLI);
             ``False`` raises instead (the Python API).
     """
@@ -109,6 +111,7 @@ class TrainingRunner:
         device: str | torch.device = "cpu",
         num_workers: int = 0,
         max_epochs: int = 1,
+        examples_csv: str | Path | None = None,
     ):
         self.concepts_file = concepts_file
         self.train, self.val = (None if v in (None, "", "None") else Path(v) for v in (train, val))
@@ -130,6 +133,17 @@ class TrainingRunner:
         if int(max_epochs) != 1:
             raise ValueError("max_epochs must be 1: features are extracted once and the fits are convex")
         self.max_epochs = 1
+        self.examples_csv = None if examples_csv in (None, "", "None") else Path(examples_csv)
+
+    @property
+    def smoke_fit(self) -> bool:
+        """Whether the training data are the bundle's own example images (a check that training runs)."""
+        return (
+            self.train is not None
+            and self.examples_csv is not None
+            and self.examples_csv.is_file()
+            and self.train.resolve() == self.examples_csv.resolve()
+        )
 
     @classmethod
     def from_options(cls, train: Any, options: dict[str, Any], max_epochs: int = 1) -> "TrainingRunner":
@@ -179,6 +193,9 @@ class TrainingRunner:
             sys.exit(2)
 
     def _run(self) -> dict[str, Any]:
+        if self.val is None and self.smoke_fit:
+            self.val = self.train
+            logger.warning("smoke fit on the bundle's example images (%s): the models are not for use", self.train)
         if self.train is None or self.val is None:
             raise ValueError("train.yaml needs --train TRAIN.csv and --val VAL.csv (columns image, label)")
         t0 = time.time()
@@ -217,7 +234,8 @@ class TrainingRunner:
                 shutil.copytree(src, dst, dirs_exist_ok=True)
         keep = [bank.concept_ids.index(c) for c in fitted.bank.concept_ids]
         summary = {
-            "trained_on": self.trained_on or f"{self.train.name} / {self.val.name}",
+            "trained_on": ("smoke fit, not for use: " if self.smoke_fit else "")
+            + (self.trained_on or f"{self.train.name} / {self.val.name}"),
             "n_train": int(len(tr["y"])),
             "n_val": int(len(va["y"])),
         }
@@ -241,6 +259,11 @@ class TrainingRunner:
             "feature_cache": {"hits": cache.hits, "misses": cache.misses},
             "seconds": round(time.time() - t0, 1),
         }
+        if self.smoke_fit:
+            report["smoke_fit"] = (
+                f"fitted on the bundle's {len(tr['y'])} example images only, to check that training runs: "
+                "not a model to use"
+            )
         atomic_write_json(self.output_dir / "fit_report.json", report)
         logger.info("wrote %s (validation %s)", self.output_dir, fitted.val_metrics)
         return report
@@ -272,7 +295,8 @@ def _shift_tensors(train_features: np.ndarray) -> dict[str, Any]:
     """The site-shift detector fitted once at training time (inference then only loads it)."""
     from ..adaptation.shift import SiteShiftDetector
 
-    if len(train_features) <= SiteShiftDetector().k:
+    if len(train_features) < SiteShiftDetector().min_reference_size:
+        logger.warning("too few training images (%d) for the site-shift alarm; it is left out", len(train_features))
         return {}
     return SiteShiftDetector().fit(train_features).to_tensors()
 
