@@ -233,3 +233,14 @@ def test_generated_doc_blocks_match_their_results_files():
         args = [sys.executable, str(REPO / "benchmarks" / script), "--check-doc" if "encoder" in script else "--check"]
         done = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
         assert done.returncode == 0, f"out of date: run python benchmarks/{script} ({done.stderr[-500:]})"
+
+
+def test_results_files_name_no_machine_paths():
+    """Results are committed and shared: paths in them are repository- or data-relative, never this machine's."""
+    machine = re.compile(r'"(/(?:home|root|tmp|work|check|Users|mnt|var)/[^"]*|[A-Za-z]:\\\\[^"]*)"')
+    found = {
+        p.name: machine.findall(p.read_text())[:3]
+        for p in sorted((REPO / "benchmarks" / "results").glob("*.json"))
+        if machine.search(p.read_text())
+    }
+    assert not found, found
