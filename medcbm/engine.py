@@ -13,6 +13,7 @@ caller shards the record indices with :func:`shard_indices` (rank ``r`` of ``w``
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -28,7 +29,7 @@ from .bundle import LoadedBundle
 from .data import InputRecord
 from .features import ExtractionResult, FeatureCache
 from .io.errors import FileReasonError
-from .io.files import regular_file_sha256
+from .io.files import read_regular_file, regular_file_sha256, serving_bytes
 from .progress import progress_enabled
 
 __all__ = [
@@ -80,7 +81,8 @@ def _reason(exc: BaseException, image: str, path: str) -> str:
 
 
 class _ReadForEncoder:
-    """Worker-side step: hash the file, skip finished or cached inputs, else read and preprocess it."""
+    """Worker-side step: read the file once and hash it, skip finished or cached inputs, else decode those
+    bytes and preprocess them."""
 
     def __init__(self, pipeline: Any, cache: FeatureCache | None, done: Mapping[str, str] | None) -> None:
         self.pipeline = pipeline
@@ -91,10 +93,11 @@ class _ReadForEncoder:
         out: dict[str, Any] = {"index": item["index"]}
         image, path = item["image"], item["path"]
         try:
-            sha = content_sha256(path)
+            data = read_regular_file(path)  # the one read: hashed here, decoded below
         except FileReasonError as e:
             out["error"] = _reason(e, image, path)
             return out
+        sha = hashlib.sha256(data).hexdigest()
         out["sha256"] = sha
         if self.done.get(image) == sha:
             out["resumed"] = True
@@ -105,17 +108,21 @@ class _ReadForEncoder:
                 out["feature"] = feature
                 return out
         try:
-            steps = [getattr(self.pipeline, n, None) for n in ("loader", "channels", "encoder_input")]
-            if all(steps):  # a ClinicalImagePipeline: keep the raw read for the modality check
-                raw = steps[0](path)
-                out["image"] = steps[2](steps[1](raw))
-                out["quality"] = image_check(out["image"]) or modality_check(raw, steps[1].mode)
-            else:
-                out["image"] = self.pipeline(path)
-                out["quality"] = image_check(out["image"])
+            with serving_bytes(path, data):
+                self._decode(path, out)
         except Exception as e:  # the reader names the file and the reason
             out["error"] = _reason(e, image, path)
         return out
+
+    def _decode(self, path: str, out: dict[str, Any]) -> None:
+        steps = [getattr(self.pipeline, n, None) for n in ("loader", "channels", "encoder_input")]
+        if all(steps):  # a ClinicalImagePipeline: keep the raw read for the modality check
+            raw = steps[0](path)
+            out["image"] = steps[2](steps[1](raw))
+            out["quality"] = image_check(out["image"]) or modality_check(raw, steps[1].mode)
+        else:
+            out["image"] = self.pipeline(path)
+            out["quality"] = image_check(out["image"])
 
 
 #: An image whose encoder input has (normalised) standard deviation below this carries no contrast at all.

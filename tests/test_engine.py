@@ -324,3 +324,43 @@ def test_colour_that_does_not_fit_the_modality_is_flagged():
     assert modality_check(grey, "grey") == "" and modality_check(colour, "rgb") == ""
     assert "colour image" in modality_check(colour, "grey")
     assert "greyscale image" in modality_check(grey, "rgb")
+
+
+def test_each_image_file_is_read_once_and_the_cache_key_hashes_the_decoded_bytes(tmp_path, monkeypatch):
+    """PNG, DICOM and NIfTI: one open per file in the engine (hash and decode share the bytes)."""
+    import hashlib
+
+    import nibabel as nib
+
+    import medcbm.io.files as files
+    from medcbm.data import write_synthetic_dicom
+    from medcbm.engine import FeatureExtractor
+    from medcbm.features import FeatureCache
+    from medcbm.io.inputs import list_inputs
+    from medcbm.transforms import ClinicalImagePipeline
+
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((40, 48, 3)) * 255).astype(np.uint8)).save(tmp_path / "a.png")
+    write_synthetic_dicom(tmp_path / "b.dcm", (rng.random((40, 48)) * 3000).astype(np.uint16), bits=16)
+    nib.save(nib.Nifti1Image(rng.random((40, 48)).astype(np.float32), np.eye(4)), str(tmp_path / "c.nii.gz"))
+    opened: list[str] = []
+    real_open = files.os.open
+
+    def counting_open(name, *a, **k):
+        opened.append(os.path.basename(name))
+        return real_open(name, *a, **k)
+
+    monkeypatch.setattr(files.os, "open", counting_open)
+
+    class Mean(torch.nn.Module):
+        def forward(self, x):
+            return x.mean(dim=(2, 3))
+
+    cache = FeatureCache(tmp_path / "cache", "toy", "toy")
+    ex = FeatureExtractor(Mean(), ClinicalImagePipeline("rgb", 32, mean=(0.5,) * 3, std=(0.5,) * 3), cache, progress=False)
+    records = list_inputs(tmp_path)
+    res = ex.extract(records)
+    assert not res.errors and len(res.ok) == 3
+    assert sorted(opened) == ["a.png", "b.dcm", "c.nii.gz"]
+    for i, r in enumerate(records):
+        assert res.content_sha256[i] == hashlib.sha256((tmp_path / r.image).read_bytes()).hexdigest()

@@ -5,16 +5,23 @@
 device named ``scan.png`` is reported, never opened (opening a FIFO blocks until a writer appears).
 :func:`open_regular_file` then opens it with ``O_NONBLOCK`` and re-checks the opened descriptor, so a
 file swapped for a FIFO in between cannot block either.
+
+:func:`read_regular_file` reads a file once; inside :func:`serving_bytes` the readers decode those bytes
+(through :func:`open_regular_file`) instead of reading the file again, so the hash that keys the feature
+cache is the hash of exactly what was decoded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import io
 import os
 import stat
+import threading
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Iterator
 
 from medcbm.io.errors import ImageReadError
 
@@ -24,8 +31,12 @@ __all__ = [
     "unsupported_suffix_reason",
     "check_image_file",
     "open_regular_file",
+    "read_regular_file",
     "regular_file_sha256",
+    "serving_bytes",
 ]
+
+_served = threading.local()  # path -> bytes already read by this thread (see serving_bytes)
 
 SUPPORTED_SUFFIXES = (".dcm", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 _BY_LENGTH = tuple(sorted(SUPPORTED_SUFFIXES, key=len, reverse=True))
@@ -124,6 +135,9 @@ def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
         ImageReadError: ``path`` cannot be opened or is not a regular file.
     """
     name = os.fspath(path)
+    data = getattr(_served, "files", {}).get(name)
+    if data is not None:
+        return io.BytesIO(data)
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
     try:
         fd = os.open(name, flags)
@@ -139,6 +153,36 @@ def open_regular_file(path: str | os.PathLike[str]) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def read_regular_file(path: str | os.PathLike[str]) -> bytes:
+    """A regular file's bytes, checked and opened as :func:`check_image_file` and :func:`open_regular_file`
+    do (a FIFO is never opened; the suffix is not checked).
+
+    Raises:
+        ImageReadError: a missing file, a folder, a non-regular file, a broken link or a link loop,
+            an empty file, or a read error.
+    """
+    check_image_file(path, check_suffix=False)
+    with open_regular_file(path) as fh:
+        try:
+            return fh.read()
+        except OSError as e:
+            raise ImageReadError(os.fspath(path), f"cannot read file ({e.strerror or type(e).__name__})") from None
+        except MemoryError:
+            raise ImageReadError(os.fspath(path), "file is too large to load into memory") from None
+
+
+@contextlib.contextmanager
+def serving_bytes(path: str | os.PathLike[str], data: bytes) -> Iterator[None]:
+    """Within the block, :func:`open_regular_file` of ``path`` (in this thread) reads ``data`` from memory."""
+    files = _served.__dict__.setdefault("files", {})
+    name = os.fspath(path)
+    files[name] = data
+    try:
+        yield
+    finally:
+        files.pop(name, None)
 
 
 def regular_file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:

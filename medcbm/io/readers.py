@@ -336,6 +336,21 @@ class ClinicalPILReader(ClinicalImageReader):
 # --------------------------------------------------------------------------------------------------
 # NIfTI
 # --------------------------------------------------------------------------------------------------
+def _nifti_open(nib: Any, path: str) -> Any:
+    """A lazily read NIfTI image through :func:`open_regular_file` (bytes already read are decoded, not re-read)."""
+    fh = open_regular_file(path)
+    if path.lower().endswith(".gz"):
+        import gzip
+
+        fh = gzip.GzipFile(fileobj=fh, mode="rb")
+    holder = nib.FileHolder(filename=path, fileobj=fh)
+    try:
+        return nib.Nifti1Image.from_file_map({"header": holder, "image": holder})
+    except nib.spatialimages.HeaderDataError:  # a 540-byte NIfTI-2 header
+        fh.seek(0)
+        return nib.Nifti2Image.from_file_map({"header": holder, "image": holder})
+
+
 class ClinicalNiftiReader(ClinicalImageReader):
     """2D NIfTI (``.nii``, ``.nii.gz``) through nibabel.
 
@@ -351,7 +366,7 @@ class ClinicalNiftiReader(ClinicalImageReader):
         import nibabel as nib
 
         try:
-            img = nib.load(path)  # parses the header; the data stays on disk
+            img = _nifti_open(nib, path)  # parses the header; the data is read on decode
             shape = tuple(int(s) for s in img.shape)
         except Exception as e:  # nibabel ImageFileError, gzip/zlib errors, EOFError, ...
             raise ImageReadError(path, f"not a valid NIfTI file ({_short(e)})") from None
