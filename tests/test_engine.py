@@ -107,8 +107,14 @@ def test_error_rows_for_unreadable_inputs_and_the_batch_goes_on(toy_bundle_dir, 
     inp = _input_csv(
         tmp_path,
         toy_bundle_dir,
-        [good, str(tmp_path / "folder.png"), str(tmp_path / "pipe.png"), str(tmp_path / "dangling.png"),
-         str(tmp_path / "broken.png"), good],
+        [
+            good,
+            str(tmp_path / "folder.png"),
+            str(tmp_path / "pipe.png"),
+            str(tmp_path / "dangling.png"),
+            str(tmp_path / "broken.png"),
+            good,
+        ],
     )
     n_err, summary = _run(bundle, tmp_path / "out", inp)
     rows = _read(tmp_path / "out" / "predictions.csv")
@@ -269,10 +275,23 @@ def test_torchrun_two_processes_write_what_one_process_writes(tmp_path):
     one = bundle_command("cxr_cbm", "inference.yaml", *common, "--output_dir", str(tmp_path / "one"))
     subprocess.run(one, cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
     multi = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle", "run",
-        "--bundle_root", B,
-        "--config_file", f"['{B}/configs/inference.yaml','{B}/configs/multi_gpu_inference.yaml']",
-        "--meta_file", f"{B}/configs/metadata.json", *common, "--output_dir", str(tmp_path / "two"),
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--bundle_root",
+        B,
+        "--config_file",
+        f"['{B}/configs/inference.yaml','{B}/configs/multi_gpu_inference.yaml']",
+        "--meta_file",
+        f"{B}/configs/metadata.json",
+        *common,
+        "--output_dir",
+        str(tmp_path / "two"),
     ]
     proc = subprocess.run(multi, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -357,7 +376,9 @@ def test_each_image_file_is_read_once_and_the_cache_key_hashes_the_decoded_bytes
             return x.mean(dim=(2, 3))
 
     cache = FeatureCache(tmp_path / "cache", "toy", "toy")
-    ex = FeatureExtractor(Mean(), ClinicalImagePipeline("rgb", 32, mean=(0.5,) * 3, std=(0.5,) * 3), cache, progress=False)
+    ex = FeatureExtractor(
+        Mean(), ClinicalImagePipeline("rgb", 32, mean=(0.5,) * 3, std=(0.5,) * 3), cache, progress=False
+    )
     records = list_inputs(tmp_path)
     res = ex.extract(records)
     assert not res.errors and len(res.ok) == 3

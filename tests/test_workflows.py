@@ -222,7 +222,11 @@ def test_checkpoint_export_traces_the_network(tmp_path):
     [
         ("inference.yaml", ["--workflow_type", "infer", "--input", "{tmp}/bad.csv"], "CSV has no 'image' column"),
         ("inference.yaml", ["--workflow_type", "infer", "--input", "{tmp}/nowhere"], "input not found"),
-        ("train.yaml", ["--workflow_type", "train", "--train", "{tmp}/bad.csv"], "needs --train TRAIN.csv and --val VAL.csv"),
+        (
+            "train.yaml",
+            ["--workflow_type", "train", "--train", "{tmp}/bad.csv"],
+            "needs --train TRAIN.csv and --val VAL.csv",
+        ),
     ],
 )
 def test_cli_bad_input_lists_fail_with_one_clear_line(tmp_path, config, args, message):
