@@ -20,8 +20,10 @@ scores, seeded with the support set), ``lame`` (on the scored batch, unsupervise
 ``linear_probe`` (logistic regression on the support features; a reference that gives up the bottleneck).
 From an unlabelled site sample (every other target image outside the support set, so the site sample and the
 scored images are disjoint; all methods are scored on the other half): ``site_calibration``, ``site_label_shift``,
-``site_both`` (:func:`medcbm.adaptation.fit_site_adaptation`) and ``site_both_edit`` (the concept edit searched on
-top, as ``adapt.yaml --site_images --support`` does).
+``site_both`` (:func:`medcbm.adaptation.fit_site_adaptation`), ``site_both_edit`` (the concept edit searched on
+top, as ``adapt.yaml --site_images --support`` does) and ``adabn`` (a baseline outside the bundle: the encoder's
+batch-norm statistics re-estimated on the site sample, AdaBN of Li et al. 2017; source images then pass through the
+same re-estimated encoder).
 
 The guard's reference set is the bundle's ``models/reference.safetensors`` when it ships one (labelled validation
 scores plus the unlabelled training sample, as ``adapt.yaml`` uses it; for ``nih_view_ap`` the PA validation images
@@ -77,7 +79,21 @@ METHODS = (
     "site_label_shift",
     "site_both",
     "site_both_edit",
+    "adabn",
 )
+TITLES = {
+    "none": "none",
+    "concept_edit": "concept edit",
+    "t3a": "T3A",
+    "lame": "LAME",
+    "refit_head_prior": "head re-fit (prior)",
+    "linear_probe": "linear probe",
+    "site_calibration": "site calibration",
+    "site_label_shift": "site label shift",
+    "site_both": "site both",
+    "site_both_edit": "site both + edit",
+    "adabn": "AdaBN",
+}
 DATASETS = {"blood_cbm": "pbc_wbcatt", "cxr_cbm": "nih_cxr14_256", "derm_cbm": "isic2017"}
 SHIFTS = {
     "blood_cbm": ("synthetic_stain", "synthetic_blur_jpeg"),
@@ -184,11 +200,49 @@ class Scored:
         self.S = s.double().numpy()
         self.y = np.array([bundle.bank.class_index(lab) for lab in labels], dtype=np.int64)
         self.U = None  # unlabelled source scores for the guard (only a bundle's reference set has them)
+        self.paths = list(paths)
 
     def subset(self, idx: np.ndarray) -> "Scored":
         out = object.__new__(Scored)
         out.X, out.S, out.y, out.U = self.X[idx], self.S[idx], self.y[idx], None
+        out.paths = [self.paths[i] for i in idx] if self.paths else []
         return out
+
+
+_INPUTS: dict[str, torch.Tensor] = {}  # decoded encoder inputs, reused across AdaBN draws
+
+
+def _encoder_inputs(bundle: LoadedBundle, paths: list[str]) -> torch.Tensor:
+    pipeline = bundle.preprocessing.pipeline()
+    for p in paths:
+        if p not in _INPUTS:
+            x = pipeline(p)
+            _INPUTS[p] = (x.as_tensor() if hasattr(x, "as_tensor") else x).float()
+    return torch.stack([_INPUTS[p] for p in paths])
+
+
+def adabn_scores(bundle: LoadedBundle, site: list[str], scored: list[list[str]], batch: int = 32) -> list[np.ndarray]:
+    """AdaBN (Li et al., 2017): the encoder's batch-norm statistics re-estimated on the unlabelled site sample
+    (running means/variances replaced by the sample's, affine weights kept), then concept scores of ``scored``."""
+    import copy
+
+    enc = copy.deepcopy(bundle.network.encoder).eval()
+    norms = [m for m in enc.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        raise ValueError("the encoder has no batch-norm layer")
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the whole site sample
+        m.train()
+    with torch.no_grad():
+        for i in range(0, len(site), batch):
+            enc(_encoder_inputs(bundle, site[i : i + batch]))
+        enc.eval()
+        out = []
+        for paths in scored:
+            feats = torch.cat([enc(_encoder_inputs(bundle, paths[i : i + batch])) for i in range(0, len(paths), batch)])
+            out.append(bundle.network.concept_scores_from_features(feats.float(), edited=False).double().numpy())
+    return out
 
 
 def _head(bundle: LoadedBundle) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
@@ -278,6 +332,14 @@ def run_methods(
         score("linear_probe", probe.predict(norm(tgt.X)), probe.predict(norm(src.X)), time.perf_counter() - t0)
     if site is not None:
         _site_methods(bundle, sup, tgt, src, ref, site, score)
+        if site.paths:
+            t0 = time.perf_counter()
+            try:
+                St, Ss = adabn_scores(bundle, site.paths, [tgt.paths, src.paths])
+            except ValueError as e:
+                out["adabn"] = {"skipped": str(e)}
+            else:
+                score("adabn", (St @ W.T + b).argmax(1), (Ss @ W.T + b).argmax(1), time.perf_counter() - t0)
     return out
 
 
@@ -390,6 +452,7 @@ def evaluate_bundle(name: str, bundles_dir: Path, cache_dir: Path, ks, draws) ->
         ref.S = bundle.reference.scores.astype(np.float64)
         ref.y = bundle.reference.labels.astype(np.int64)
         ref.U = bundle.reference.unlabelled_scores(bundle.network)
+        ref.paths = []
         ref_source = f"bundle models/reference.safetensors ({bundle.reference.split})"
     else:
         ref = scored(by_split["val"])
@@ -443,13 +506,12 @@ def docs_block(results: dict[str, Any], source: str) -> str:
         "source test split (the guard itself checks the reference set); `edits` is the mean number of edited "
         "concepts; n/a: the method needs every class in the support set.",
         "",
-        "| bundle | target | k | none | concept edit | T3A | LAME | head re-fit (prior) | linear probe "
-        "| drop | edits |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| bundle | target | k | " + " | ".join(TITLES[m] for m in METHODS) + " | drop | edits |",
+        "|---|---|---|" + "---|" * (len(METHODS) + 2),
     ]
     for bname, b in results["bundles"].items():
         if "error" in b:
-            lines.append(f"| {bname} | (not run: {b['error']}) |  |  |  |  |  |  |  |  |  |")
+            lines.append(f"| {bname} | (not run: {b['error']}) |" + "  |" * (len(METHODS) + 3))
             continue
         for sname, sc in b["scenarios"].items():
             for k, row in sc["by_k"].items():
@@ -464,7 +526,7 @@ def docs_block(results: dict[str, Any], source: str) -> str:
         "",
         "Largest source-accuracy drop over the draws, in points, on the held-out source test split (negative: a gain):",
         "",
-        "| bundle | target | k | " + " | ".join(METHODS[1:]) + " |",
+        "| bundle | target | k | " + " | ".join(TITLES[m] for m in METHODS[1:]) + " |",
         "|---|---|---|" + "---|" * (len(METHODS) - 1),
     ]
     for bname, b in results["bundles"].items():
