@@ -1,8 +1,8 @@
 # Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
 """Files in and out: image readers (MONAI ``ImageReader`` s), input listing, atomic writes, samples.
 
-* :mod:`medcbm.io.readers`: :class:`ClinicalDicomReader`, :class:`ClinicalNiftiReader`,
-  :class:`ClinicalPILReader`, :func:`read_image`, the pixel budget (override
+* :mod:`medcbm.io.readers`: :class:`ClinicalDicomReader` (its rules in :mod:`medcbm.io.dicom`),
+  :class:`ClinicalNiftiReader`, :class:`ClinicalPILReader`, :func:`read_image`, the pixel budget (override
   ``medcbm.io.readers.MAX_IMAGE_SIDE`` / ``MAX_IMAGE_PIXELS``).
 * :mod:`medcbm.io.files`: supported suffixes; regular-file checks that never block.
 * :mod:`medcbm.io.inputs`: :func:`list_inputs` -> :class:`InputRecord` rows.
