@@ -31,6 +31,7 @@ from .features import ExtractionResult, FeatureCache
 from .io.errors import FileReasonError
 from .io.files import read_regular_file, regular_file_sha256, serving_bytes
 from .progress import progress_enabled
+from .options import is_unset
 
 __all__ = [
     "FeatureExtractor",
@@ -373,7 +374,7 @@ class PredictionEngine:
         self.device = torch.device(device)
         cache = (
             FeatureCache(cache_dir, bundle.backbone.fingerprint, bundle.preprocessing.fingerprint())
-            if cache_dir not in (None, "", "None", False)
+            if cache_dir is not False and not is_unset(cache_dir)
             else None
         )
         bundle.network.to(self.device).eval()

@@ -45,6 +45,7 @@ from ..io.errors import FileReasonError
 from .cli import check_output_dir, cli_errors
 from .job import BundleJob
 from .site_sample import MIN_SITE_IMAGES, SiteSample, encode_site_sample, read_site_sample
+from ..options import is_unset, optional
 
 __all__ = [
     "AdaptationRunner",
@@ -167,7 +168,7 @@ def read_support_set(
             labels that are not the bundle's classes (saying which other bundle they belong to, if any),
             or the same image file on two rows. The message names the CSV and the reason.
     """
-    if support in (None, "", "None"):
+    if is_unset(support):
         raise SupportSetError(
             "no support set or site sample given: pass --support SUPPORT.csv (columns image,label: a few labelled "
             "images per class) and/or --site_images FOLDER_OR_CSV (unlabelled images of the site, 30 or more)"
@@ -281,8 +282,8 @@ class AdaptationRunner(BundleJob):
     ) -> None:
         job = (bundle_root, output_dir, device, batch_size, num_workers, progress, exit_on_error, bundle)
         self._init_job(*job, models_dir=models_dir)
-        self.support = None if support in (None, "", "None") else support
-        self.site_images = None if site_images in (None, "", "None") else site_images
+        self.support = optional(support)
+        self.site_images = optional(site_images)
         self.min_site_images = int(min_site_images)
         self.calibrate = bool(calibrate)
         self.label_shift = bool(label_shift)
@@ -430,11 +431,15 @@ class AdaptationRunner(BundleJob):
             search = self._search(bundle, sup[0], support.labels, site_fit)
             spec = search.spec_
         else:
-            spec = AdaptationSpec(method={"name": "site calibration and label-shift correction from an unlabelled "
-                                          "sample (no labelled edit)"})
+            spec = AdaptationSpec(
+                method={
+                    "name": "site calibration and label-shift correction from an unlabelled sample (no labelled edit)"
+                }
+            )
         self._complete(spec, bundle, support, sup, site, site_fit)
-        self.report = self._report(bundle, support, sup, search, spec, site, site_fit, site_scores,
-                                   time.perf_counter() - t0)
+        self.report = self._report(
+            bundle, support, sup, search, spec, site, site_fit, site_scores, time.perf_counter() - t0
+        )
         atomic_write_json(out / REPORT_FILE, self.report)
         spec.write(out / ADAPTATION_FILE)  # last: the file exists only for a completed job
         self._log(spec, out)
@@ -456,12 +461,14 @@ class AdaptationRunner(BundleJob):
             "model_fingerprint": bundle.fingerprint(),
         }
         if support is not None:
-            spec.provenance.update({
-                "support_csv": Path(support.csv).name,
-                "support_csv_sha256": support.csv_sha256,
-                "support_images": {rec.image: h for rec, h in zip(support.records, sup[1])},
-                "k_per_class": dict(support.k_per_class),
-            })
+            spec.provenance.update(
+                {
+                    "support_csv": Path(support.csv).name,
+                    "support_csv_sha256": support.csv_sha256,
+                    "support_images": {rec.image: h for rec, h in zip(support.records, sup[1])},
+                    "k_per_class": dict(support.k_per_class),
+                }
+            )
         spec.provenance["reference_set"] = {
             "split": ref.split,
             "n": int(len(ref.labels)),

@@ -37,6 +37,7 @@ from typing import Any
 
 from ..errors import MedcbmUserError, ModelsDirError, OutputDirError, UnknownOptionError
 from ..transforms import FileReasonError
+from ..options import is_unset
 
 __all__ = [
     "RUNNER_OPTIONS",
@@ -289,7 +290,7 @@ def check_models_dir(path: str | os.PathLike[str] | None, required: Sequence[str
     Raises:
         ModelsDirError: names the folder and what is missing.
     """
-    if path in (None, "", "None"):
+    if is_unset(path):
         return None
     folder = Path(path)  # type: ignore[arg-type]
     if not folder.exists():

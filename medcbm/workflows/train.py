@@ -30,6 +30,7 @@ from ..fitting import fit_cbm
 from ..io.atomic import atomic_write_json
 from .cli import cli_errors
 from .loading import BACKBONE_DIR, default_backbone_spec, save_bundle_network
+from ..options import is_unset
 
 __all__ = ["TrainingRunner", "run_training", "concept_label_matrix", "parse_concept_label"]
 
@@ -114,7 +115,7 @@ class TrainingRunner:
         examples_csv: str | Path | None = None,
     ):
         self.concepts_file = concepts_file
-        self.train, self.val = (None if v in (None, "", "None") else Path(v) for v in (train, val))
+        self.train, self.val = (None if is_unset(v) else Path(v) for v in (train, val))
         self.output_dir = Path(output_dir)
         self.models_dir = Path(models_dir)
         self.backbone = backbone
@@ -133,7 +134,7 @@ class TrainingRunner:
         if int(max_epochs) != 1:
             raise ValueError("max_epochs must be 1: features are extracted once and the fits are convex")
         self.max_epochs = 1
-        self.examples_csv = None if examples_csv in (None, "", "None") else Path(examples_csv)
+        self.examples_csv = None if is_unset(examples_csv) else Path(examples_csv)
 
     @property
     def smoke_fit(self) -> bool:
