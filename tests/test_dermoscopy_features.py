@@ -14,6 +14,9 @@ from PIL import Image
 
 from medcbm.concepts import load_concept_bank
 from medcbm.datasets import dermoscopy_features as df
+from medcbm.datasets.dermoscopy_features import cache as df_cache
+from medcbm.datasets.dermoscopy_features import isic2017_manifest as df_manifest
+from medcbm.datasets.dermoscopy_features import structures as df_structures
 
 REPO = Path(__file__).resolve().parents[1]
 DERM_BANK = REPO / "bundles" / "derm_cbm" / "configs" / "concepts.yaml"
@@ -355,7 +358,7 @@ def test_structure_failure_gives_nan_not_a_crash(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("synthetic failure")
 
-    monkeypatch.setattr(df, "_structure_measures_impl", boom)
+    monkeypatch.setattr(df_structures, "_structure_measures_impl", boom)
     with pytest.warns(UserWarning, match="structure measures failed"):
         m = df.measure_abcd(_paint(_ellipse()))
     assert m["segmentation_ok"]
@@ -483,7 +486,7 @@ def test_isic2017_records_splits_cache_and_thresholds(tmp_path, monkeypatch):
         calls.append(1)
         return real(rgb, mask)
 
-    monkeypatch.setattr(df, "measure_abcd", counting)
+    monkeypatch.setattr(df_manifest, "measure_abcd", counting)  # where isic2017_records looks it up
     df.isic2017_records(root=folder, cache_dir=cache, val_fraction=0.25)
     assert calls == []
     changed = Path(by_split["test"][0]["image"])
@@ -500,10 +503,10 @@ def test_cache_of_other_version_is_ignored(tmp_path, monkeypatch):
     _fake_isic(tmp_path, {"nevus": 3, "melanoma": 2, "seborrheic_keratosis": 2}, {"nevus": 1})
     cache = tmp_path / "cache"
     df.isic2017_records(root=tmp_path, cache_dir=cache)
-    monkeypatch.setattr(df, "MEASURE_VERSION", "999")
+    monkeypatch.setattr(df_cache, "MEASURE_VERSION", "999")  # the version the cache reads and writes
     calls = []
     real = df.measure_abcd
-    monkeypatch.setattr(df, "measure_abcd", lambda rgb, mask=None: calls.append(1) or real(rgb, mask))
+    monkeypatch.setattr(df_manifest, "measure_abcd", lambda rgb, mask=None: calls.append(1) or real(rgb, mask))
     df.isic2017_records(root=tmp_path, cache_dir=cache)
     assert len(calls) == 8
 
