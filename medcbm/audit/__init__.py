@@ -1,5 +1,10 @@
 # Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
-"""Auditing concept explanations: model-level metrics, concept activation maps and the HTML report."""
+"""Auditing concept explanations: model-level metrics, concept activation maps and the HTML report.
+
+The audit itself is in submodules imported by name, so that importing ``medcbm.audit`` does not load the engine:
+:mod:`.explain` (one image's entry and what-ifs), :mod:`.inputs` (the input's concept-label and box columns),
+:mod:`.run` (:func:`~medcbm.audit.run.audit_bundle`), :mod:`.location` (concept maps against boxes).
+"""
 
 from __future__ import annotations
 

@@ -271,6 +271,27 @@ def _mean(rows: list[dict[str, float]], alphas: Sequence[float], nd: int = 4) ->
     return out
 
 
+@dataclass
+class _Tally:
+    """What :func:`location_audit` gathers over the images: the maps' scores, the baselines' scores, the box counts
+    and each used image's box area fraction."""
+
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    base: dict[str, list[dict[str, float]]] = field(
+        default_factory=lambda: {"uniform_random": [], "random_smooth": [], "centre": [], "shuffled": []}
+    )
+    counts: dict[str, int] = field(
+        default_factory=lambda: {
+            "fully_visible": 0,
+            "partly_visible_used": 0,
+            "excluded_mostly_cut": 0,
+            "excluded_not_visible": 0,
+            "outside_image": 0,
+        }
+    )
+    area_fraction: list[float] = field(default_factory=list)
+
+
 def location_audit(
     items: Sequence[LocationItem],
     alphas: Sequence[float] = ALPHAS,
@@ -296,79 +317,117 @@ def location_audit(
     if not 0.0 < min_visible <= 1.0:
         raise ValueError(f"min_visible must be in (0, 1], got {min_visible}")
     rng = np.random.default_rng(seed)
-    rows: list[dict[str, Any]] = []
-    base: dict[str, list[dict[str, float]]] = {"uniform_random": [], "random_smooth": [], "centre": [], "shuffled": []}
-    counts = {
-        "fully_visible": 0,
-        "partly_visible_used": 0,
-        "excluded_mostly_cut": 0,
-        "excluded_not_visible": 0,
-        "outside_image": 0,
-    }
+    tally = _Tally()
     per_image: list[dict[str, Any]] = []
-    area_fraction: list[float] = []
     used = [it for it in items if it.boxes]
     for n, it in enumerate(used):
-        g = it.geometry
-        area = g.visible_area()
-        keep: list[Box] = []
-        excluded = 0
-        for b in it.boxes:
-            if b[0] >= g.width or b[1] >= g.height:
-                counts["outside_image"] += 1
-                excluded += 1
-                continue
-            b = (b[0], b[1], min(b[2], float(g.width)), min(b[3], float(g.height)))
-            part, frac = _visible_part(b, area)
-            if part is None:
-                counts["excluded_not_visible"] += 1
-            elif frac < min_visible:
-                counts["excluded_mostly_cut"] += 1
-            else:
-                counts["fully_visible" if frac >= 1.0 - 1e-9 else "partly_visible_used"] += 1
-                keep.append(part)
-                continue
-            excluded += 1
+        keep, excluded = _counted_boxes(it, min_visible, tally.counts)
         entry: dict[str, Any] = {"image": it.image, "boxes_used": len(keep), "boxes_excluded": excluded}
         per_image.append(entry)
         if not keep or not it.maps:
             continue
-        xs, ys = g.grid(max_cells)
-        mask = box_mask(keep, xs, ys)
-        visible = ~np.isnan(g.to_original(np.zeros((g.size, g.size)), max_cells))
-        mask &= visible
+        mask, visible = _visible_mask(it.geometry, keep, max_cells)
         if not mask.any():
             continue
-        V, A = int(visible.sum()), int(mask.sum())
-        area_fraction.append(A / V)
-        hits: dict[str, Any] = {}
-        for rank, (cid, direction, hm) in enumerate(it.maps):
-            sc = location_scores(g.to_original(hm, max_cells), mask, alphas)
-            rows.append({"concept": cid, "direction": direction, **sc})
-            hits[cid] = {f"clm_at_{a:g}": bool(sc[f"hit_{a:g}"]) for a in alphas}
-            if len(used) > 1:  # the same rank's map of another image (cyclic), through this image's geometry
-                other = next(
-                    (
-                        used[(n + j) % len(used)]
-                        for j in range(1, len(used))
-                        if len(used[(n + j) % len(used)].maps) > rank
-                    ),
-                    None,
-                )
-                if other is not None:
-                    base["shuffled"].append(
-                        location_scores(g.to_original(other.maps[rank][2], max_cells), mask, alphas)
-                    )
-            base["uniform_random"].append(uniform_random_expectation(V, A, alphas))
-        entry["hits"] = hits
-        gh, gw = it.grid_shape or (7, 7)
-        for _ in range(n_random):
-            noise = torch.as_tensor(rng.standard_normal((1, 1, gh, gw)), dtype=torch.float32)
-            smooth = F.interpolate(noise, size=(g.size, g.size), mode="bilinear", align_corners=False)[0, 0].numpy()
-            base["random_smooth"].append(location_scores(g.to_original(smooth, max_cells), mask, alphas))
-        c = np.arange(g.size) + 0.5 - g.size / 2.0
-        centre = -(c[:, None] ** 2 + c[None, :] ** 2)
-        base["centre"].append(location_scores(g.to_original(centre, max_cells), mask, alphas))
+        others = [used[(n + j) % len(used)] for j in range(1, len(used))]  # the other images, cyclic from this one
+        entry["hits"] = _score_maps(it, mask, int(visible.sum()), others, alphas, max_cells, tally)
+        _chance_baselines(it, mask, alphas, max_cells, n_random, rng, tally)
+    return _location_summary(tally, per_image, len(used), alphas, min_visible, n_random), per_image
+
+
+def _counted_boxes(it: LocationItem, min_visible: float, counts: dict[str, int]) -> tuple[list[Box], int]:
+    """The visible parts of the image's boxes that count, and how many boxes do not (each counted by reason)."""
+    g = it.geometry
+    area = g.visible_area()
+    keep: list[Box] = []
+    excluded = 0
+    for b in it.boxes:
+        if b[0] >= g.width or b[1] >= g.height:
+            counts["outside_image"] += 1
+            excluded += 1
+            continue
+        b = (b[0], b[1], min(b[2], float(g.width)), min(b[3], float(g.height)))
+        part, frac = _visible_part(b, area)
+        if part is None:
+            counts["excluded_not_visible"] += 1
+        elif frac < min_visible:
+            counts["excluded_mostly_cut"] += 1
+        else:
+            counts["fully_visible" if frac >= 1.0 - 1e-9 else "partly_visible_used"] += 1
+            keep.append(part)
+            continue
+        excluded += 1
+    return keep, excluded
+
+
+def _visible_mask(g: InputGeometry, keep: Sequence[Box], max_cells: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(mask, visible)`` on the evaluation grid: the counted boxes' cells the model sees, and all cells it sees."""
+    xs, ys = g.grid(max_cells)
+    mask = box_mask(keep, xs, ys)
+    visible = ~np.isnan(g.to_original(np.zeros((g.size, g.size)), max_cells))
+    mask &= visible
+    return mask, visible
+
+
+def _score_maps(
+    it: LocationItem,
+    mask: np.ndarray,
+    n_visible: int,
+    others: Sequence[LocationItem],
+    alphas: Sequence[float],
+    max_cells: int,
+    tally: _Tally,
+) -> dict[str, Any]:
+    """Score each of the image's maps against ``mask`` and, per rank, the ``shuffled`` and ``uniform_random``
+    baselines; returns the image's hits per concept."""
+    g = it.geometry
+    V, A = n_visible, int(mask.sum())
+    tally.area_fraction.append(A / V)
+    hits: dict[str, Any] = {}
+    for rank, (cid, direction, hm) in enumerate(it.maps):
+        sc = location_scores(g.to_original(hm, max_cells), mask, alphas)
+        tally.rows.append({"concept": cid, "direction": direction, **sc})
+        hits[cid] = {f"clm_at_{a:g}": bool(sc[f"hit_{a:g}"]) for a in alphas}
+        # the same rank's map of another image, read through this image's geometry
+        other = next((o for o in others if len(o.maps) > rank), None)
+        if other is not None:
+            tally.base["shuffled"].append(location_scores(g.to_original(other.maps[rank][2], max_cells), mask, alphas))
+        tally.base["uniform_random"].append(uniform_random_expectation(V, A, alphas))
+    return hits
+
+
+def _chance_baselines(
+    it: LocationItem,
+    mask: np.ndarray,
+    alphas: Sequence[float],
+    max_cells: int,
+    n_random: int,
+    rng: np.random.Generator,
+    tally: _Tally,
+) -> None:
+    """The image's ``random_smooth`` maps (``n_random`` draws from ``rng``) and its ``centre`` map, scored."""
+    g = it.geometry
+    gh, gw = it.grid_shape or (7, 7)
+    for _ in range(n_random):
+        noise = torch.as_tensor(rng.standard_normal((1, 1, gh, gw)), dtype=torch.float32)
+        smooth = F.interpolate(noise, size=(g.size, g.size), mode="bilinear", align_corners=False)[0, 0].numpy()
+        tally.base["random_smooth"].append(location_scores(g.to_original(smooth, max_cells), mask, alphas))
+    c = np.arange(g.size) + 0.5 - g.size / 2.0
+    centre = -(c[:, None] ** 2 + c[None, :] ** 2)
+    tally.base["centre"].append(location_scores(g.to_original(centre, max_cells), mask, alphas))
+
+
+def _location_summary(
+    tally: _Tally,
+    per_image: Sequence[dict[str, Any]],
+    n_with_boxes: int,
+    alphas: Sequence[float],
+    min_visible: float,
+    n_random: int,
+) -> dict[str, Any]:
+    """The ``concept_location`` entry: definitions, box counts, the means over all maps, the baselines, and the
+    means per concept and per direction."""
+    rows, base = tally.rows, tally.base
     summary: dict[str, Any] = {
         "definition": (
             "CLM@a: fraction of concept maps (top concepts of each image) whose top a/12 of the visible pixels "
@@ -382,10 +441,10 @@ def location_audit(
             "its visible part"
         ),
         "min_visible": min_visible,
-        "n_images_with_boxes": len(used),
+        "n_images_with_boxes": n_with_boxes,
         "n_images_used": sum(1 for e in per_image if e.get("hits")),
-        "boxes": counts,
-        "mean_box_area_fraction": round(float(np.mean(area_fraction)), 4) if area_fraction else None,
+        "boxes": tally.counts,
+        "mean_box_area_fraction": round(float(np.mean(tally.area_fraction)), 4) if tally.area_fraction else None,
         **_mean(rows, alphas),
     }
     summary["baselines"] = {
@@ -397,13 +456,11 @@ def location_audit(
         "centre": {**_mean(base["centre"], alphas), "what": "a map peaking at the centre of the model input"},
         "shuffled": {**_mean(base["shuffled"], alphas), "what": "the same concept rank's map of another image"},
     }
-    by_concept: dict[str, Any] = {}
-    for cid in sorted({r["concept"] for r in rows}):
-        by_concept[cid] = _mean([r for r in rows if r["concept"] == cid], alphas)
-    summary["by_concept"] = by_concept
+    summary["by_concept"] = {cid: _mean([r for r in rows if r["concept"] == cid], alphas)
+                             for cid in sorted({r["concept"] for r in rows})}  # fmt: skip
     summary["by_direction"] = {
         d: _mean([r for r in rows if r["direction"] == d], alphas)
         for d in ("present", "absent")
         if any(r["direction"] == d for r in rows)
     }
-    return summary, per_image
+    return summary

@@ -175,6 +175,19 @@ def _deletion_plot(d: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------- sections
 def _overview(audit: dict[str, Any], title: str, meta: dict[str, Any]) -> list[str]:
+    """Everything above the image cards: the headline numbers and sections 1 to 5."""
+    out = _headline(audit, title, meta)
+    out += _reliance(audit)
+    out += _prior_disagreement(audit.get("prior_agreement", {}))
+    out += _grounding(audit, meta)
+    out += _label_checks(audit)
+    out += _location(audit.get("concept_location"))
+    out += _size_and_faithfulness(audit.get("effective_concepts", {}), audit.get("deletion"))
+    return out
+
+
+def _headline(audit: dict[str, Any], title: str, meta: dict[str, Any]) -> list[str]:
+    """Title, what the page checks, the key numbers and the audit's warnings."""
     out = [f"<h1>{_e(title)}</h1>"]
     out.append(
         "<p class='sub'>Audit of a concept bottleneck model: the model scores human-readable concepts and "
@@ -197,64 +210,73 @@ def _overview(audit: dict[str, Any], title: str, meta: dict[str, Any]) -> list[s
     out.append("</div>")
     for w in meta.get("warnings", []):
         out.append(f"<div class='warn'>&#9888; {_e(w)}</div>")
+    return out
 
-    # what the model relies on
+
+def _reliance(audit: dict[str, Any]) -> list[str]:
+    """Section 1: the concepts that move decisions most, and whether their weights fit the prior and the labels."""
     gi = audit.get("global_importance", {}).get("concepts", [])
-    out.append("<h2>1. What the model relies on</h2>")
-    if gi:
-        key = audit["global_importance"].get("ranked_by", "weight_spread")
-        top = gi[:15]
-        vals = {d["concept"]: float(d.get(key) or 0.0) for d in top}
-        label = (
-            "mean |contribution| to the predicted class" if key == "mean_abs_contribution" else "spread of head weights"
-        )
-        out.append("<div class='cardbody'><div>")
+    out = ["<h2>1. What the model relies on</h2>"]
+    if not gi:
+        return out
+    key = audit["global_importance"].get("ranked_by", "weight_spread")
+    top = gi[:15]
+    vals = {d["concept"]: float(d.get(key) or 0.0) for d in top}
+    label = "mean |contribution| to the predicted class" if key == "mean_abs_contribution" else "spread of head weights"
+    out.append("<div class='cardbody'><div>")
+    out.append(
+        "<img class='plot' alt='global importance' src='"
+        f"{_bar_chart(vals, 'Concepts that move decisions most', label, signed=False)}'>"
+    )
+    out.append(
+        "</div><div><table><tr><th>concept</th><th>pushes towards</th><th>fits prior</th><th>fits labels</th></tr>"
+    )
+    for d in top:
+        cp = d.get("cgim_prior")
+        cl = d.get("cgim_labels")
+        cls_p = "ok" if (cp or 0) > 0.3 else ("bad" if cp is not None and cp < 0 else "muted")
+        cls_l = "ok" if (cl or 0) > 0.3 else ("bad" if cl is not None and cl < 0 else "muted")
         out.append(
-            "<img class='plot' alt='global importance' src='"
-            f"{_bar_chart(vals, 'Concepts that move decisions most', label, signed=False)}'>"
+            f"<tr><td>{_e(d['concept'])}</td><td>{_e(d.get('strongest_class', ''))}</td>"
+            f"<td class='num {cls_p}'>{_f(cp, 2)}</td><td class='num {cls_l}'>{_f(cl, 2)}</td></tr>"
         )
-        out.append(
-            "</div><div><table><tr><th>concept</th><th>pushes towards</th><th>fits prior</th><th>fits labels</th></tr>"
-        )
-        for d in top:
-            cp = d.get("cgim_prior")
-            cl = d.get("cgim_labels")
-            cls_p = "ok" if (cp or 0) > 0.3 else ("bad" if cp is not None and cp < 0 else "muted")
-            cls_l = "ok" if (cl or 0) > 0.3 else ("bad" if cl is not None and cl < 0 else "muted")
-            out.append(
-                f"<tr><td>{_e(d['concept'])}</td><td>{_e(d.get('strongest_class', ''))}</td>"
-                f"<td class='num {cls_p}'>{_f(cp, 2)}</td><td class='num {cls_l}'>{_f(cl, 2)}</td></tr>"
-            )
-        out.append(
-            "</table><p class='muted'>fits prior / fits labels: CGIM, the correlation (−1 to 1) over classes "
-            "between the concept's weights and the prior or the label frequency; – = not known.</p></div></div>"
-        )
+    out.append(
+        "</table><p class='muted'>fits prior / fits labels: CGIM, the correlation (−1 to 1) over classes "
+        "between the concept's weights and the prior or the label frequency; – = not known.</p></div></div>"
+    )
+    return out
 
-    # disagreement with the prior
-    out.append("<h2>2. Where the model disagrees with medical knowledge</h2>")
-    if pa:
-        out.append(
-            f"<p>The prior states {pa.get('n_prior_pairs')} concept–class expectations; "
-            "the model's weights agree in sign "
-            f"with {pa.get('n_agree')} ({_f(pa.get('sign_agreement'), 2)}), cosine {_f(pa.get('cosine'), 2)}.</p>"
-        )
-        contra = pa.get("contradictions", [])
-        if contra:
-            out.append("<table><tr><th>class</th><th>concept</th><th>prior says</th><th>model weight</th></tr>")
-            for c in contra[:30]:
-                says = "present" if c["prior"] > 0 else "absent"
-                out.append(
-                    f"<tr><td>{_e(c['class'])}</td><td>{_e(c['concept'])}</td><td>{says}</td>"
-                    f"<td class='num bad'>{_f(c['weight'], 3)}</td></tr>"
-                )
-            out.append("</table>")
-            if len(contra) > 30:
-                out.append(f"<p class='muted'>… and {len(contra) - 30} more in model_audit.json.</p>")
-        else:
-            out.append("<p class='ok'>No learned weight contradicts the prior.</p>")
 
-    # grounding
-    out.append("<h2>3. Concepts the model cannot ground</h2>")
+def _prior_disagreement(pa: dict[str, Any]) -> list[str]:
+    """Section 2: sign agreement with the prior and the learned weights that contradict it (30 at most)."""
+    out = ["<h2>2. Where the model disagrees with medical knowledge</h2>"]
+    if not pa:
+        return out
+    out.append(
+        f"<p>The prior states {pa.get('n_prior_pairs')} concept–class expectations; "
+        "the model's weights agree in sign "
+        f"with {pa.get('n_agree')} ({_f(pa.get('sign_agreement'), 2)}), cosine {_f(pa.get('cosine'), 2)}.</p>"
+    )
+    contra = pa.get("contradictions", [])
+    if not contra:
+        out.append("<p class='ok'>No learned weight contradicts the prior.</p>")
+        return out
+    out.append("<table><tr><th>class</th><th>concept</th><th>prior says</th><th>model weight</th></tr>")
+    for c in contra[:30]:
+        says = "present" if c["prior"] > 0 else "absent"
+        out.append(
+            f"<tr><td>{_e(c['class'])}</td><td>{_e(c['concept'])}</td><td>{says}</td>"
+            f"<td class='num bad'>{_f(c['weight'], 3)}</td></tr>"
+        )
+    out.append("</table>")
+    if len(contra) > 30:
+        out.append(f"<p class='muted'>… and {len(contra) - 30} more in model_audit.json.</p>")
+    return out
+
+
+def _grounding(audit: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    """Section 3: concepts dropped at fitting time, and those no better than chance on the labelled images here."""
+    out = ["<h2>3. Concepts the model cannot ground</h2>"]
     dropped = meta.get("dropped_concepts") or {}
     ca = (audit.get("concept_auroc") or {}).get("concepts", {})
     weak = {k: v for k, v in ca.items() if v.get("auroc") is not None and not v.get("better_than_chance")}
@@ -274,56 +296,74 @@ def _overview(audit: dict[str, Any], title: str, meta: dict[str, Any]) -> list[s
             + (" and on the labelled images here." if ca else ".")
             + "</p>"
         )
+    return out
 
-    # labels
-    out.append("<h2>4. Checks against concept labels</h2>")
-    if ca:
-        out.append(
-            "<div class='cardbody'><div><h3>Can the model see each concept? (AUROC, 95% CI)</h3>"
-            "<table><tr><th>concept</th><th>n +/−</th><th>AUROC</th><th>95% CI</th><th>&gt; chance</th></tr>"
-        )
-        for cid, v in sorted(ca.items(), key=lambda kv: -(kv[1].get("auroc") or 0)):
-            if v.get("auroc") is None:
-                out.append(
-                    f"<tr><td>{_e(cid)}</td><td>{v['n_positive']}/{v['n_negative']}</td><td colspan=3 class='muted'>"
-                    f"{_e(v.get('reason', ''))}</td></tr>"
-                )
-                continue
-            good = "ok" if v["better_than_chance"] else "bad"
-            out.append(
-                f"<tr><td>{_e(cid)}</td><td>{v['n_positive']}/{v['n_negative']}</td>"
-                f"<td class='num'>{_f(v['auroc'])}</td>"
-                f"<td class='num'>{_f(v['ci_low'])}–{_f(v['ci_high'])}</td>"
-                f"<td class='{good}'>{_f(v['better_than_chance'])}</td></tr>"
-            )
-        out.append("</table></div><div>")
-        cem = audit.get("concept_existence")
-        if cem:
-            out.append(
-                "<h3>Are the concepts behind each decision really there? (CEM)</h3><table>"
-                "<tr><th>top-l</th><th>claims confirmed</th><th>annotated present</th><th>images</th></tr>"
-            )
-            for top_l in (1, 3, 5):
-                if f"cem_at_{top_l}" in cem:
-                    out.append(
-                        f"<tr><td>{top_l}</td><td class='num'>{_f(cem[f'cem_at_{top_l}'], 2)}</td>"
-                        f"<td class='num'>{_f(cem[f'present_at_{top_l}'], 2)}</td>"
-                        f"<td class='num'>{cem[f'n_images_at_{top_l}']}</td></tr>"
-                    )
-            out.append(
-                "</table><p class='muted'>A concept that counts because it is <i>absent</i> (shown as "
-                "“not …”) is confirmed by a label saying absent.</p>"
-            )
-        out.append("</div></div>")
-    else:
+
+def _label_checks(audit: dict[str, Any]) -> list[str]:
+    """Section 4: per-concept AUROC and the concept existence check, when the input gave concept labels."""
+    out = ["<h2>4. Checks against concept labels</h2>"]
+    ca = (audit.get("concept_auroc") or {}).get("concepts", {})
+    if not ca:
         out.append(
             "<p class='muted'>No concept labels were given (add <code>concept_&lt;id&gt;</code> columns with 1/0 "
             "to the input CSV to check them).</p>"
         )
-    out += _location(audit.get("concept_location"))
+        return out
+    out += _auroc_table(ca)
+    out.append("</table></div><div>")
+    out += _existence_table(audit.get("concept_existence"))
+    out.append("</div></div>")
+    return out
 
-    # size and faithfulness
-    out.append("<h2>5. Explanation size and faithfulness</h2><div class='cardbody'><div>")
+
+def _auroc_table(ca: dict[str, Any]) -> list[str]:
+    """The rows of the concept AUROC table, best first (the closing tags are the caller's)."""
+    out = [
+        "<div class='cardbody'><div><h3>Can the model see each concept? (AUROC, 95% CI)</h3>"
+        "<table><tr><th>concept</th><th>n +/−</th><th>AUROC</th><th>95% CI</th><th>&gt; chance</th></tr>"
+    ]
+    for cid, v in sorted(ca.items(), key=lambda kv: -(kv[1].get("auroc") or 0)):
+        if v.get("auroc") is None:
+            out.append(
+                f"<tr><td>{_e(cid)}</td><td>{v['n_positive']}/{v['n_negative']}</td><td colspan=3 class='muted'>"
+                f"{_e(v.get('reason', ''))}</td></tr>"
+            )
+            continue
+        good = "ok" if v["better_than_chance"] else "bad"
+        out.append(
+            f"<tr><td>{_e(cid)}</td><td>{v['n_positive']}/{v['n_negative']}</td>"
+            f"<td class='num'>{_f(v['auroc'])}</td>"
+            f"<td class='num'>{_f(v['ci_low'])}–{_f(v['ci_high'])}</td>"
+            f"<td class='{good}'>{_f(v['better_than_chance'])}</td></tr>"
+        )
+    return out
+
+
+def _existence_table(cem: dict[str, Any] | None) -> list[str]:
+    """The concept existence (CEM) table at top-1, 3 and 5; nothing without it."""
+    if not cem:
+        return []
+    out = [
+        "<h3>Are the concepts behind each decision really there? (CEM)</h3><table>"
+        "<tr><th>top-l</th><th>claims confirmed</th><th>annotated present</th><th>images</th></tr>"
+    ]
+    for top_l in (1, 3, 5):
+        if f"cem_at_{top_l}" in cem:
+            out.append(
+                f"<tr><td>{top_l}</td><td class='num'>{_f(cem[f'cem_at_{top_l}'], 2)}</td>"
+                f"<td class='num'>{_f(cem[f'present_at_{top_l}'], 2)}</td>"
+                f"<td class='num'>{cem[f'n_images_at_{top_l}']}</td></tr>"
+            )
+    out.append(
+        "</table><p class='muted'>A concept that counts because it is <i>absent</i> (shown as "
+        "“not …”) is confirmed by a label saying absent.</p>"
+    )
+    return out
+
+
+def _size_and_faithfulness(eff: dict[str, Any], dl: dict[str, Any] | None) -> list[str]:
+    """Section 5: how many concepts carry each decision, and the deletion test with its curves."""
+    out = ["<h2>5. Explanation size and faithfulness</h2><div class='cardbody'><div>"]
     if eff:
         nm = eff.get("n_mass") or {}
         out.append(
@@ -333,7 +373,6 @@ def _overview(audit: dict[str, Any], title: str, meta: dict[str, Any]) -> list[s
         )
         if eff.get("warning"):
             out.append(f"<div class='warn'>&#9888; {_e(eff['warning'])}</div>")
-    dl = audit.get("deletion")
     if dl and dl.get("n"):
         gap = dl.get("auc_gap") or 0.0
         verdict = (

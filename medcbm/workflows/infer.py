@@ -26,109 +26,29 @@ import torch
 
 from ..adaptation.shift import concept_shift_report
 from ..bundle import LoadedBundle
-from ..data import InputRecord, list_inputs, make_sample_inputs
+from ..data import InputRecord
 from ..engine import PredictionEngine, dist_rank_world, shard_indices
+from ..predictions import format_top_concepts, prediction_columns, prediction_row, top_concepts
 from ..sinks import OutputLock, RowJournal, iter_ordered, write_csv_atomic
 from ..io.atomic import atomic_write_json as write_json_atomic
 from .cli import check_output_dir
-from .job import BundleJob
+from .job import EXAMPLES_CSV, BundleJob, default_records, examples_csv, input_records
 
+# prediction_columns, format_top_concepts, top_concepts, explain_row (medcbm.predictions) and EXAMPLES_CSV,
+# examples_csv, default_records (.job) are re-exported here, where callers have always imported them from.
 __all__ = [
     "InferenceRunner",
     "prediction_columns",
     "format_top_concepts",
+    "top_concepts",
     "explain_row",
     "examples_csv",
     "default_records",
+    "EXAMPLES_CSV",
 ]
 
 logger = logging.getLogger(__name__)
-EXAMPLES_CSV = Path("examples") / "examples.csv"
-
-
-def prediction_columns(class_names: Sequence[str], concept_ids: Sequence[str] = ()) -> list[str]:
-    """The contract's columns, then ``sample``, ``label``, the site-shift columns and one
-    ``concept_<id>`` column per concept score (if any)."""
-    return (
-        ["image", "status", "error", "prediction", "probability"]
-        + [f"prob_{c}" for c in class_names]
-        + ["top_concepts", "sample", "label", "shift_score", "site_shift", "site_shift_reason"]
-        + [f"concept_{k}" for k in concept_ids]
-    )
-
-
-def top_concepts(
-    concept_ids: Sequence[str],
-    contributions: np.ndarray,
-    scores: np.ndarray,
-    neutral: np.ndarray,
-    top_k: int = 5,
-) -> list[tuple[str, str, float]]:
-    """The concepts that pushed one class up the most: ``(concept_id, direction, contribution)``.
-
-    Contributions are measured from each concept's neutral (source-mean) value, so a concept can push a
-    class up because it is *lower* than usual: its direction is then ``absent``. Only positive
-    contributions are listed, largest first.
-    """
-    order = np.argsort(-contributions, kind="stable")
-    out = []
-    for k in order[:top_k]:
-        if contributions[k] <= 0:
-            break
-        direction = "present" if scores[k] >= neutral[k] else "absent"
-        out.append((concept_ids[k], direction, float(contributions[k])))
-    return out
-
-
-def format_top_concepts(items: Sequence[tuple[str, str, float]]) -> str:
-    """``id=value`` pairs joined by ``;``; a concept that counts because it is absent reads ``not id=value``."""
-    return ";".join(f"{'not ' if d == 'absent' else ''}{cid}={v:.4f}" for cid, d, v in items)
-
-
-def examples_csv(bundle_root: str | Path) -> Path:
-    return Path(bundle_root) / EXAMPLES_CSV
-
-
-def default_records(bundle_root: str | Path, modality: str, output_dir: Path) -> list[InputRecord]:
-    """The bundle's shipped real example images (with their known class); generated samples if none ship."""
-    csv_path = examples_csv(bundle_root)
-    if csv_path.is_file():
-        return list_inputs(csv_path)
-    paths = make_sample_inputs(modality, output_dir / "samples")
-    return [InputRecord(image=str(p), path=Path(p)) for p in paths]
-
-
-def explain_row(bundle: LoadedBundle, i: int, res: Any, top_k: int, concept_columns: bool) -> dict[str, Any]:
-    """One ``ok`` row of ``predictions.csv`` from row ``i`` of a :class:`~medcbm.engine.BatchResult`."""
-    proba = res.proba[i]
-    c = int(np.argmax(proba))
-    names = bundle.class_names
-    row: dict[str, Any] = {
-        "status": "ok",
-        "error": "",
-        "prediction": names[c],
-        "probability": f"{proba[c]:.6f}",
-    }
-    for name, p in zip(names, proba):
-        row[f"prob_{name}"] = f"{p:.6f}"
-    neutral = bundle.network.neutral.detach().cpu().numpy()
-    row["top_concepts"] = format_top_concepts(
-        top_concepts(bundle.concept_ids, res.contributions[i, c], res.scores[i], neutral, top_k)
-    )
-    quality = res.quality.get(res.ok[i], "")
-    if res.shift_score is not None:
-        row["shift_score"] = f"{res.shift_score[i]:.4f}"
-        row["site_shift"] = "true" if bool(res.shift_flag[i]) or quality else "false"
-        if quality:
-            row["site_shift_reason"] = quality
-        elif row["site_shift"] == "true":
-            row["site_shift_reason"] = "unlike the training site's images (score above the reference threshold)"
-    elif quality:
-        row["site_shift"] = "true"
-        row["site_shift_reason"] = quality
-    if concept_columns:
-        row.update({f"concept_{k}": f"{v:.6f}" for k, v in zip(bundle.concept_ids, res.scores[i])})
-    return row
+explain_row = prediction_row  # the name this module has always exported
 
 
 class InferenceRunner(BundleJob):
@@ -188,16 +108,15 @@ class InferenceRunner(BundleJob):
         return self._run_counting_errors("failed", lambda: self.summary.get("rows", "?"), where)
 
     def _records(self) -> tuple[list[InputRecord], bool]:
-        if self.input is None:
-            recs = default_records(self.bundle_root, self.modality, self.output_dir)
+        recs, source = input_records(self.input, self.bundle_root, self.modality, self.output_dir)
+        if source is None:
             where = (
                 "example images shipped with the bundle"
                 if examples_csv(self.bundle_root).is_file()
                 else ("generated sample images")
             )
             logger.info("no --input given: running on %d %s", len(recs), where)
-            return recs, True
-        return list_inputs(self.input), False
+        return recs, source is None
 
     def _run(self) -> int:
         rank, world = dist_rank_world()
@@ -256,7 +175,7 @@ class InferenceRunner(BundleJob):
                 if res.scores_unedited is not None:
                     raw_scores.append(res.scores_unedited)
                 for j, i in enumerate(res.ok):
-                    row = explain_row(bundle, j, res, self.top_k, self.concept_columns)
+                    row = prediction_row(bundle, j, res, self.top_k, self.concept_columns)
                     journal.append(records[i].image, res.sha256.get(i), row)
                 for i, reason in res.errors.items():
                     logger.warning("error on input: %s", reason)

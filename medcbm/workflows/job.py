@@ -1,6 +1,7 @@
 # Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
 """What the bundle jobs that read images share (inference, adaptation, audit): where the bundle and the output
-folder are, how the bundle is loaded, and how a finished job with unreadable inputs ends on the command line.
+folder are, how the bundle is loaded, which images a job reads when none are given (the bundle's examples), and
+how a finished job with unreadable inputs ends on the command line.
 
 The runners keep their own explicit keyword arguments (the bundle configs instantiate them by name); this base
 only stores the common ones once.
@@ -15,9 +16,36 @@ from typing import Any
 import torch
 
 from ..bundle import LoadedBundle
+from ..data import InputRecord, list_inputs, make_sample_inputs
 from .cli import cli_errors
 
-__all__ = ["BundleJob"]
+__all__ = ["BundleJob", "EXAMPLES_CSV", "examples_csv", "default_records", "input_records"]
+
+EXAMPLES_CSV = Path("examples") / "examples.csv"
+
+
+def examples_csv(bundle_root: str | Path) -> Path:
+    """Where a bundle lists its shipped example images (with their known class)."""
+    return Path(bundle_root) / EXAMPLES_CSV
+
+
+def default_records(bundle_root: str | Path, modality: str, output_dir: Path) -> list[InputRecord]:
+    """The bundle's shipped real example images (with their known class); generated samples if none ship."""
+    csv_path = examples_csv(bundle_root)
+    if csv_path.is_file():
+        return list_inputs(csv_path)
+    paths = make_sample_inputs(modality, output_dir / "samples")
+    return [InputRecord(image=str(p), path=Path(p)) for p in paths]
+
+
+def input_records(
+    input: str | Path | None, bundle_root: str | Path, modality: str, output_dir: Path
+) -> tuple[list[InputRecord], str | None]:
+    """``(records, source)``: the records of ``input`` (folder, CSV or image) and its name, or, when ``input`` is
+    ``None``, :func:`default_records` and ``None`` (the inference and audit jobs both read images this way)."""
+    if input is None:
+        return default_records(bundle_root, modality, output_dir), None
+    return list_inputs(input), str(input)
 
 
 class BundleJob:
