@@ -154,10 +154,11 @@ class _BrightnessMapper:
 def test_planted_box_through_the_csv_box_column(tmp_path, monkeypatch):
     from PIL import Image
 
+    import medcbm.audit.run as audit_run
     import medcbm.workflows.audit as audit_mod
 
     root, bundle = _any_bundle()
-    monkeypatch.setattr(audit_mod, "ConceptMapper", _BrightnessMapper)
+    monkeypatch.setattr(audit_run, "ConceptMapper", _BrightnessMapper)
     # resize the short side and centre-crop (BCCD fields under the blood bundle): the crop cuts the sides
     monkeypatch.setattr(bundle, "preprocessing", dataclasses.replace(bundle.preprocessing, resize_mode="shortest"))
     planted = {"a.png": (180, 40, 230, 90), "b.png": (60, 150, 100, 200)}  # x0 y0 x1 y1 in a 320 x 240 image

@@ -87,19 +87,19 @@ def test_audit_deletion_starts_at_the_predicted_probability(toy_root, tmp_path):
 
 def test_audit_deletion_of_a_label_shifted_bundle_uses_the_offset_logits(toy_root, tmp_path, monkeypatch):
     """An adaptation's label-shift offset is part of the logits: the deletion curve gets the head bias plus it."""
-    import medcbm.workflows.audit as audit_module
+    import medcbm.audit.metrics as audit_metrics
 
     bundle = LoadedBundle.load(toy_root)
     offset = np.array([1.5, -1.5])
     bundle.network.set_site_calibration(class_offset=offset)
     seen = {}
-    real = audit_module.M.deletion
+    real = audit_metrics.deletion
 
     def spy(scores, weight, bias, neutral, **kw):
         seen["bias"] = np.asarray(bias)
         return real(scores, weight, bias, neutral, **kw)
 
-    monkeypatch.setattr(audit_module.M, "deletion", spy)
+    monkeypatch.setattr(audit_metrics, "deletion", spy)
     _audit(bundle, _audit_csv(toy_root, tmp_path / "in.csv"))
     expected = bundle.network.head.bias.detach().numpy() + offset
     np.testing.assert_allclose(seen["bias"], expected, rtol=1e-6)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -51,7 +51,6 @@ def audit_bundle(
     source: str = "input",
     location_concepts: int = 3,
     min_box_visible: float = 0.5,
-    mapper_factory: Callable[[Any, str], Any] = ConceptMapper,
 ) -> tuple[list[dict[str, Any]], dict[str, Any], list[ImageCard], dict[str, Any]]:
     """Audit ``records`` with ``bundle``: ``(explanations, model_audit, cards, report_meta)``.
 
@@ -70,8 +69,6 @@ def audit_bundle(
         what_if: the user's intervention (see :func:`medcbm.audit.explain.parse_what_if`).
         source: the input's name, for error messages.
         location_concepts, min_box_visible: the location check (see above; ``0`` concepts: none).
-        mapper_factory: builds the concept mapper from ``(network, map_method)``; the runner passes its own name
-            for it, so the map implementation can be substituted without patching this module.
 
     Raises:
         InputListError: a bad ``what_if``, concept label or box cell (one line naming it).
@@ -93,7 +90,7 @@ def audit_bundle(
         return entries, audit, [], meta
     _model_metrics(bundle, records, entries, arrays, ok, labels, unused, audit, meta)
     with_box = {i for i in ok if boxes is not None and boxes[i]} if location_concepts > 0 else set()
-    mapper = _concept_mapper(bundle, mapper_factory, map_method, max_cards > 0 or bool(with_box), audit, meta)
+    mapper = _concept_mapper(bundle, map_method, max_cards > 0 or bool(with_box), audit, meta)
     plan = _MapPlan(set(ok[:max_cards]), with_box, maps_per_image, location_concepts)
     cards, loc_items = _cards_and_maps(bundle, records, entries, ok, boxes, plan, mapper)
     _location_results(loc_items, with_box, mapper, entries, audit, meta, min_box_visible)
@@ -243,7 +240,6 @@ class _MapPlan:
 
 def _concept_mapper(
     bundle: LoadedBundle,
-    factory: Callable[[Any, str], Any],
     map_method: str,
     wanted: bool,
     audit: dict[str, Any],
@@ -255,7 +251,7 @@ def _concept_mapper(
     if not wanted or getattr(net, "encoder", None) is None:
         return None
     try:
-        mapper = factory(net, map_method)
+        mapper = ConceptMapper(net, map_method)
     except ValueError as e:
         logger.warning("no concept maps: %s", e)
         meta["warnings"].append(f"no concept maps: {e}")

@@ -19,10 +19,8 @@ from typing import Any
 
 import torch
 
-from ..audit import metrics as M  # noqa: F401  (callers reach the audit's metrics as this module's M)
 from ..audit.explain import WHAT_IF_ACTIONS, explain, what_if_values
 from ..audit.inputs import concept_labels_from_records, location_boxes_from_records
-from ..audit.maps import ConceptMapper
 from ..audit.report import write_report
 from ..audit.run import audit_bundle, summary_rows
 from ..bundle import LoadedBundle
@@ -123,7 +121,6 @@ class AuditRunner(BundleJob):
             source=source or "examples",
             location_concepts=self.location_concepts,
             min_box_visible=self.min_box_visible,
-            mapper_factory=ConceptMapper,  # looked up here at run time: the map implementation can be substituted
         )
         audit["seconds"] = round(time.perf_counter() - t0, 2)
         atomic_write_text(
