@@ -19,6 +19,7 @@ from ..bundle import LoadedBundle
 from ..data import InputListError
 from ..predictions import concept_label, top_concepts
 from . import metrics as M
+from ..options import is_unset
 
 __all__ = ["WHAT_IF_ACTIONS", "explain", "parse_what_if", "what_if_values"]
 
@@ -52,7 +53,7 @@ def parse_what_if(spec: Any, concept_ids: Sequence[str]) -> dict[int, str | floa
     Raises:
         InputListError: an unknown concept or action (one line naming it).
     """
-    if spec in (None, "", "None", {}):
+    if spec == {} or is_unset(spec):
         return {}
     if isinstance(spec, str):
         try:

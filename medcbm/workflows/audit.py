@@ -27,6 +27,7 @@ from ..bundle import LoadedBundle
 from ..io.atomic import atomic_write_json, atomic_write_text
 from .cli import check_output_dir
 from .job import BundleJob, input_records
+from ..options import optional
 
 __all__ = [
     "AuditRunner",
@@ -87,7 +88,7 @@ class AuditRunner(BundleJob):
         job = (bundle_root, output_dir, device, batch_size, num_workers, progress, exit_on_error, bundle)
         self._init_job(*job, models_dir=models_dir, backbone=backbone, pretrained=pretrained, adaptation=adaptation,
                        channel_mode=channel_mode)  # fmt: skip
-        self.input = None if input in (None, "", "None") else input
+        self.input = optional(input)
         self.modality = modality
         self.top_k, self.max_cards, self.maps_per_image = int(top_k), int(max_cards), int(maps_per_image)
         self.map_method = map_method

@@ -33,6 +33,7 @@ from ..sinks import OutputLock, RowJournal, iter_ordered, write_csv_atomic
 from ..io.atomic import atomic_write_json as write_json_atomic
 from .cli import check_output_dir
 from .job import EXAMPLES_CSV, BundleJob, default_records, examples_csv, input_records
+from ..options import optional
 
 # prediction_columns, format_top_concepts, top_concepts, explain_row (medcbm.predictions) and EXAMPLES_CSV,
 # examples_csv, default_records (.job) are re-exported here, where callers have always imported them from.
@@ -94,7 +95,7 @@ class InferenceRunner(BundleJob):
         job = (bundle_root, output_dir, device, batch_size, num_workers, progress, exit_on_error, bundle)
         self._init_job(*job, models_dir=models_dir, backbone=backbone, pretrained=pretrained, adaptation=adaptation,
                        channel_mode=channel_mode)  # fmt: skip
-        self.input = None if input in (None, "", "None") else input
+        self.input = optional(input)
         self.modality = modality
         self.top_k = int(top_k)
         self.concept_columns = bool(concept_columns)
