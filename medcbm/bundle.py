@@ -402,48 +402,22 @@ class LoadedBundle:
         bank_path = Path(concepts_file) if concepts_file else root / "configs" / "concepts.yaml"
         bank = load_concept_bank(bank_path)
         cbm_path = models / CBM_FILE
-        state = read_cbm_state(cbm_path) if cbm_path.is_file() else None
-        fit_meta = dict(state[1]) if state else {}
-        if state is not None and str(fit_meta.get("format_version")) != CBM_FORMAT_VERSION:
-            raise BundleLoadError(
-                f"{cbm_path}: format version {fit_meta.get('format_version')!r}, this medcbm reads "
-                f"{CBM_FORMAT_VERSION!r}; re-fit with configs/train.yaml or use a matching medcbm"
-            )
-        stored_spec = fit_meta.get("backbone_spec")
-        if backbone not in (None, "", "None"):
-            spec = str(backbone)
-        elif stored_spec and stored_spec != "local-dir":
-            spec, pretrained = stored_spec, pretrained or fit_meta.get("backbone_pretrained")
-        else:
-            spec = f"{LOCAL_DIR}{models / BACKBONE_DIR}"
+        tensors, fit_meta = _read_fit_state(cbm_path)
+        spec, pretrained = _backbone_spec(backbone, pretrained, fit_meta, models)
         bk = load_backbone(spec, pretrained=pretrained, device="cpu")
         stored_pp = fit_meta.get("preprocessing") or {}
-        mode = channel_mode or stored_pp.get("channel_mode") or meta.get("medcbm", {}).get("channel_mode")
-        if not mode:
-            raise BundleLoadError(f"{root}: no channel mode stored in {cbm_path} and none given (rgb or grey)")
-        if channel_mode and stored_pp.get("channel_mode") and channel_mode != stored_pp["channel_mode"]:
-            raise BundleLoadError(
-                f"channel_mode {channel_mode!r} differs from the {stored_pp['channel_mode']!r} the fit in {cbm_path} "
-                "used; drop the override or re-fit"
-            )
-        pp = Preprocessing.from_backbone(bk, mode)
+        pp = Preprocessing.from_backbone(bk, _channel_mode(channel_mode, stored_pp, meta, root, cbm_path))
         info: dict[str, Any] = {
             "backbone": spec if not spec.startswith(LOCAL_DIR) else "local-dir",
             "models_dir": str(models),
         }
-        fitted = state is not None and fit_meta.get("backbone_fingerprint") == bk.fingerprint
+        fitted = tensors is not None and fit_meta.get("backbone_fingerprint") == bk.fingerprint
         if fitted:
-            bad = pp.mismatch(stored_pp)
-            if bad:
-                raise BundleLoadError(
-                    f"{cbm_path} was fitted with another preprocessing than this backbone's config gives: "
-                    + "; ".join(bad)
-                    + ". Re-fit with configs/train.yaml."
-                )
-            net, sub = _network_from_state(bk, bank, state[0], fit_meta, cbm_path)
+            _check_preprocessing(pp, stored_pp, cbm_path)
+            net, sub = _network_from_state(bk, bank, tensors, fit_meta, cbm_path)
             info.update(fit="trained", grounding=fit_meta["grounding_mode"], trained_on=fit_meta.get("trained_on", ""))
         else:
-            if state is not None:
+            if tensors is not None:  # a fit exists but belongs to another backbone
                 logger.warning(
                     "%s was fitted on another backbone than %s: grounding concepts zero-shot by text with a "
                     "prior-only head. Re-fit on your data with configs/train.yaml for calibrated predictions.",
@@ -452,13 +426,7 @@ class LoadedBundle:
                 )
             net, sub = _zero_shot_network(bk, bank), bank
             info.update(fit="zero-shot prior head", grounding="text")
-        reference = None
-        ref_path = models / REFERENCE_FILE
-        if fitted and ref_path.is_file():
-            reference = SourceReference.load(ref_path)
-            if reference.concept_ids != net.concepts or reference.backbone_fingerprint != bk.fingerprint:
-                logger.warning("%s does not match this fit (concepts or backbone); ignoring it", ref_path)
-                reference = None
+        reference = _matching_reference(models / REFERENCE_FILE, net, bk) if fitted else None
         bundle = cls(
             name=root.resolve().name,
             version=str(meta.get("version", "")),
@@ -476,6 +444,91 @@ class LoadedBundle:
             bundle.set_adaptation(adaptation)
         bundle.to(device)
         return bundle
+
+
+def _read_fit_state(cbm_path: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:
+    """The fitted tensors and metadata in ``cbm_path``; ``(None, {})`` when there is no fit.
+
+    Raises:
+        BundleLoadError: when the file has another format version than this medcbm reads.
+    """
+    state = read_cbm_state(cbm_path) if cbm_path.is_file() else None
+    fit_meta = dict(state[1]) if state else {}
+    if state is not None and str(fit_meta.get("format_version")) != CBM_FORMAT_VERSION:
+        raise BundleLoadError(
+            f"{cbm_path}: format version {fit_meta.get('format_version')!r}, this medcbm reads "
+            f"{CBM_FORMAT_VERSION!r}; re-fit with configs/train.yaml or use a matching medcbm"
+        )
+    return (state[0] if state is not None else None), fit_meta
+
+
+def _backbone_spec(
+    backbone: str | None, pretrained: str | None, fit_meta: dict[str, Any], models: Path
+) -> tuple[str, str | None]:
+    """The open_clip spec and pretrained tag to load: the override, else the fitted one, else ``models/backbone``.
+
+    Args:
+        backbone: the caller's backbone override (``None``, ``""`` or ``"None"`` for none).
+        pretrained: the caller's pretrained tag or file.
+        fit_meta: the fit's metadata (``{}`` without a fit).
+        models: the models folder.
+
+    Returns:
+        ``(spec, pretrained)``; a stored hub backbone brings its own pretrained tag unless one is given.
+    """
+    stored_spec = fit_meta.get("backbone_spec")
+    if backbone not in (None, "", "None"):
+        spec = str(backbone)
+    elif stored_spec and stored_spec != "local-dir":
+        spec, pretrained = stored_spec, pretrained or fit_meta.get("backbone_pretrained")
+    else:
+        spec = f"{LOCAL_DIR}{models / BACKBONE_DIR}"
+    return spec, pretrained
+
+
+def _channel_mode(
+    channel_mode: str | None, stored_pp: dict[str, Any], meta: dict[str, Any], root: Path, cbm_path: Path
+) -> str:
+    """The channel mode to read images with: the caller's, else the fit's, else the bundle metadata's.
+
+    Raises:
+        BundleLoadError: when none is known, or the caller's differs from the one the fit used.
+    """
+    mode = channel_mode or stored_pp.get("channel_mode") or meta.get("medcbm", {}).get("channel_mode")
+    if not mode:
+        raise BundleLoadError(f"{root}: no channel mode stored in {cbm_path} and none given (rgb or grey)")
+    if channel_mode and stored_pp.get("channel_mode") and channel_mode != stored_pp["channel_mode"]:
+        raise BundleLoadError(
+            f"channel_mode {channel_mode!r} differs from the {stored_pp['channel_mode']!r} the fit in {cbm_path} "
+            "used; drop the override or re-fit"
+        )
+    return mode
+
+
+def _check_preprocessing(pp: Preprocessing, stored_pp: dict[str, Any], cbm_path: Path) -> None:
+    """Refuse a fit whose stored preprocessing differs from what this backbone's config gives.
+
+    Raises:
+        BundleLoadError: naming every field that differs.
+    """
+    bad = pp.mismatch(stored_pp)
+    if bad:
+        raise BundleLoadError(
+            f"{cbm_path} was fitted with another preprocessing than this backbone's config gives: "
+            + "; ".join(bad)
+            + ". Re-fit with configs/train.yaml."
+        )
+
+
+def _matching_reference(ref_path: Path, net: ConceptBottleneckClassifier, bk: Backbone) -> SourceReference | None:
+    """The source reference set in ``ref_path`` if it exists and belongs to this fit (concepts and backbone)."""
+    if not ref_path.is_file():
+        return None
+    reference = SourceReference.load(ref_path)
+    if reference.concept_ids != net.concepts or reference.backbone_fingerprint != bk.fingerprint:
+        logger.warning("%s does not match this fit (concepts or backbone); ignoring it", ref_path)
+        return None
+    return reference
 
 
 def _read_adaptation(path: Path, concept_ids: Sequence[str]) -> Any:

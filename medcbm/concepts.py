@@ -28,7 +28,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NoReturn, Sequence
 
 import numpy as np
 import yaml
@@ -146,83 +146,14 @@ class ConceptBank:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], origin: str = "<mapping>") -> "ConceptBank":
         """Validate a parsed concept bank; ``origin`` (usually the file path) prefixes every error."""
-
-        def fail(msg: str) -> None:
-            raise ConceptBankError(f"{origin}: {msg}")
-
         if not isinstance(data, Mapping):
-            fail("top level must be a mapping with 'classes', 'concepts' and 'prior'")
+            _fail(origin, "top level must be a mapping with 'classes', 'concepts' and 'prior'")
         for key in ("classes", "concepts"):
             if key not in data:
-                fail(f"missing required key '{key}'")
-        classes = data["classes"]
-        if not isinstance(classes, list) or not classes:
-            fail("'classes' must be a non-empty list of class names")
-        seen_classes: set[str] = set()
-        for i, c in enumerate(classes):
-            if not isinstance(c, str) or not c.strip():
-                fail(f"classes[{i}] must be a non-empty string, got {c!r}")
-            if _norm_label(c) in seen_classes:
-                fail(f"duplicate class {c!r}")
-            seen_classes.add(_norm_label(c))
-
-        raw_concepts = data["concepts"]
-        if not isinstance(raw_concepts, list) or not raw_concepts:
-            fail("'concepts' must be a non-empty list")
-        concepts: list[Concept] = []
-        ids: set[str] = set()
-        for i, rc in enumerate(raw_concepts):
-            where = f"concepts[{i}]"
-            if not isinstance(rc, Mapping):
-                fail(f"{where} must be a mapping")
-            cid = rc.get("id")
-            if not isinstance(cid, str) or not _ID_RE.match(cid):
-                fail(f"{where}: id {cid!r} must match [a-z0-9][a-z0-9_]*")
-            where = f"concept '{cid}'"
-            if cid in ids:
-                fail(f"duplicate concept id '{cid}'")
-            ids.add(cid)
-            text = rc.get("text")
-            if not isinstance(text, str) or not text.strip():
-                fail(f"{where}: empty text")
-            group = rc.get("group")
-            if not isinstance(group, str) or not group.strip():
-                fail(f"{where}: missing group")
-            kind = rc.get("kind")
-            if kind not in CONCEPT_KINDS:
-                fail(f"{where}: kind {kind!r} must be one of {list(CONCEPT_KINDS)}")
-            source = rc.get("source")
-            if not isinstance(source, Mapping) or not str(source.get("citation", "")).strip():
-                fail(f"{where}: source.citation is required")
-            concepts.append(
-                Concept(
-                    id=cid,
-                    text=text.strip(),
-                    group=group.strip(),
-                    kind=kind,
-                    citation=str(source["citation"]).strip(),
-                    quote=str(source.get("quote", "") or "").strip(),
-                )
-            )
-
-        prior = np.zeros((len(classes), len(concepts)), dtype=np.int8)
-        raw_prior = data.get("prior") or {}
-        if not isinstance(raw_prior, Mapping):
-            fail("'prior' must map class -> {concept_id: +1 | -1 | 0}")
-        cindex = {_norm_label(c): i for i, c in enumerate(classes)}
-        kindex = {c.id: k for k, c in enumerate(concepts)}
-        for cls_name, row in raw_prior.items():
-            ci = cindex.get(_norm_label(str(cls_name)))
-            if ci is None:
-                fail(f"prior: unknown class {cls_name!r} (classes are {classes})")
-            if not isinstance(row, Mapping):
-                fail(f"prior[{cls_name}] must map concept_id -> +1 | -1 | 0")
-            for cid, value in row.items():
-                if cid not in kindex:
-                    fail(f"prior[{cls_name}]: unknown concept {cid!r}")
-                if isinstance(value, bool) or value not in (-1, 0, 1):
-                    fail(f"prior[{cls_name}][{cid}]: value {value!r} must be +1, -1 or 0")
-                prior[ci, kindex[cid]] = int(value)
+                _fail(origin, f"missing required key '{key}'")
+        classes = _parse_classes(data["classes"], origin)
+        concepts = _parse_concepts(data["concepts"], origin)
+        prior = _parse_prior(data.get("prior") or {}, classes, concepts, origin)
         return cls(
             classes=[str(c) for c in classes],
             concepts=concepts,
@@ -231,6 +162,138 @@ class ConceptBank:
             version=str(data.get("version", "1")),
             path=None if origin == "<mapping>" else origin,
         )
+
+
+def _fail(origin: str, msg: str) -> NoReturn:
+    raise ConceptBankError(f"{origin}: {msg}")
+
+
+def _parse_classes(classes: Any, origin: str) -> list[str]:
+    """The ``classes`` entry, checked: a non-empty list of distinct, non-empty names.
+
+    Args:
+        classes: the raw ``classes`` value.
+        origin: prefix of every error message.
+
+    Returns:
+        ``classes`` itself (names are compared through :func:`_norm_label`).
+
+    Raises:
+        ConceptBankError: for a missing, empty or duplicate class name.
+    """
+    if not isinstance(classes, list) or not classes:
+        _fail(origin, "'classes' must be a non-empty list of class names")
+    seen_classes: set[str] = set()
+    for i, c in enumerate(classes):
+        if not isinstance(c, str) or not c.strip():
+            _fail(origin, f"classes[{i}] must be a non-empty string, got {c!r}")
+        if _norm_label(c) in seen_classes:
+            _fail(origin, f"duplicate class {c!r}")
+        seen_classes.add(_norm_label(c))
+    return classes
+
+
+def _parse_concepts(raw_concepts: Any, origin: str) -> list[Concept]:
+    """The ``concepts`` entry as :class:`Concept` objects, each checked in file order.
+
+    Args:
+        raw_concepts: the raw ``concepts`` value.
+        origin: prefix of every error message.
+
+    Returns:
+        The concepts, in file order.
+
+    Raises:
+        ConceptBankError: for an empty list or the first invalid or duplicate concept.
+    """
+    if not isinstance(raw_concepts, list) or not raw_concepts:
+        _fail(origin, "'concepts' must be a non-empty list")
+    concepts: list[Concept] = []
+    ids: set[str] = set()
+    for i, rc in enumerate(raw_concepts):
+        where = f"concepts[{i}]"
+        if not isinstance(rc, Mapping):
+            _fail(origin, f"{where} must be a mapping")
+        cid = rc.get("id")
+        if not isinstance(cid, str) or not _ID_RE.match(cid):
+            _fail(origin, f"{where}: id {cid!r} must match [a-z0-9][a-z0-9_]*")
+        if cid in ids:
+            _fail(origin, f"duplicate concept id '{cid}'")
+        ids.add(cid)
+        concepts.append(_parse_concept(rc, cid, origin))
+    return concepts
+
+
+def _parse_concept(rc: Mapping[str, Any], cid: str, origin: str) -> Concept:
+    """The concept entry ``rc`` whose id ``cid`` is already checked: text, group, kind and source.
+
+    Args:
+        rc: the raw concept mapping.
+        cid: its (valid, unique) id.
+        origin: prefix of every error message.
+
+    Returns:
+        The concept, with its strings stripped.
+
+    Raises:
+        ConceptBankError: for an empty text or group, an unknown kind or a missing citation.
+    """
+    where = f"concept '{cid}'"
+    text = rc.get("text")
+    if not isinstance(text, str) or not text.strip():
+        _fail(origin, f"{where}: empty text")
+    group = rc.get("group")
+    if not isinstance(group, str) or not group.strip():
+        _fail(origin, f"{where}: missing group")
+    kind = rc.get("kind")
+    if kind not in CONCEPT_KINDS:
+        _fail(origin, f"{where}: kind {kind!r} must be one of {list(CONCEPT_KINDS)}")
+    source = rc.get("source")
+    if not isinstance(source, Mapping) or not str(source.get("citation", "")).strip():
+        _fail(origin, f"{where}: source.citation is required")
+    return Concept(
+        id=cid,
+        text=text.strip(),
+        group=group.strip(),
+        kind=kind,
+        citation=str(source["citation"]).strip(),
+        quote=str(source.get("quote", "") or "").strip(),
+    )
+
+
+def _parse_prior(raw_prior: Any, classes: list[str], concepts: list[Concept], origin: str) -> np.ndarray:
+    """The ``prior`` entry as an int8 ``(C, K)`` matrix; pairs it omits are 0.
+
+    Args:
+        raw_prior: the raw ``prior`` value (``{}`` when absent).
+        classes: the checked class names (matched through :func:`_norm_label`).
+        concepts: the checked concepts.
+        origin: prefix of every error message.
+
+    Returns:
+        The prior, values in {-1, 0, 1}.
+
+    Raises:
+        ConceptBankError: for an unknown class or concept, or a value other than +1, -1 or 0.
+    """
+    prior = np.zeros((len(classes), len(concepts)), dtype=np.int8)
+    if not isinstance(raw_prior, Mapping):
+        _fail(origin, "'prior' must map class -> {concept_id: +1 | -1 | 0}")
+    cindex = {_norm_label(c): i for i, c in enumerate(classes)}
+    kindex = {c.id: k for k, c in enumerate(concepts)}
+    for cls_name, row in raw_prior.items():
+        ci = cindex.get(_norm_label(str(cls_name)))
+        if ci is None:
+            _fail(origin, f"prior: unknown class {cls_name!r} (classes are {classes})")
+        if not isinstance(row, Mapping):
+            _fail(origin, f"prior[{cls_name}] must map concept_id -> +1 | -1 | 0")
+        for cid, value in row.items():
+            if cid not in kindex:
+                _fail(origin, f"prior[{cls_name}]: unknown concept {cid!r}")
+            if isinstance(value, bool) or value not in (-1, 0, 1):
+                _fail(origin, f"prior[{cls_name}][{cid}]: value {value!r} must be +1, -1 or 0")
+            prior[ci, kindex[cid]] = int(value)
+    return prior
 
 
 def load_concept_bank(path: str | Path) -> ConceptBank:

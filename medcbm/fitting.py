@@ -23,7 +23,7 @@ from .grounding import (
 )
 from .head import KnowledgePriorHead
 from .metrics import accuracy, auroc, balanced_accuracy
-from .progress import progress
+from .progress import Progress, progress
 
 __all__ = [
     "FittedCBM",
@@ -150,20 +150,10 @@ def fit_cbm(
         drop_ungroundable: remove concepts whose grounding is not better than chance on validation
             (for ``probe`` also concepts without labels). Kept when no concept labels exist at all.
     """
-    missing = [bank.classes[c] for c in range(bank.num_classes) if not np.any(np.asarray(train_y) == c)]
-    if missing:
-        raise ValueError(f"the training data has no image of class(es) {missing}; every class needs examples")
-    if mode == "auto":
-        mode = choose_grounding_mode(train_concepts)
-    Xtr = torch.as_tensor(np.asarray(train_features, dtype=np.float32))
-    Xva = torch.as_tensor(np.asarray(val_features, dtype=np.float32))
+    mode, Xtr, Xva = _prepare_inputs(
+        bank, train_features, train_y, val_features, train_concepts, val_concepts, mode, text_embeddings
+    )
     K = bank.num_concepts
-    if mode == "probe" and (train_concepts is None or val_concepts is None):
-        raise ValueError("probe grounding needs concept labels for the training and validation images")
-    if mode == "text" and text_embeddings is None:
-        raise ValueError("text grounding needs the concept text embeddings of this backbone")
-    if mode not in ("probe", "text"):
-        raise ValueError(f"unknown grounding mode {mode!r}")
     bar = progress(total=3, desc="fit", unit="step", rate=False)  # grounding, checks, head
     bar.set_postfix(f"{mode} grounding of {K} concepts")
     if mode == "probe":
@@ -172,34 +162,12 @@ def fit_cbm(
         grounding = TextGrounding(text_embeddings).calibrate(Xtr)
 
     bar.update(1)
-    keep = list(range(K))
-    report: list[ConceptGroundingReport] = []
-    dropped: dict[str, str] = {}
-    if val_concepts is not None and np.isfinite(np.asarray(val_concepts, dtype=np.float64)).any():
-        with torch.no_grad():
-            sv = grounding(Xva).numpy()
-        report = grounding_report(bank.concept_ids, sv, val_concepts)
-        if drop_ungroundable:
-            keep = [k for k, r in enumerate(report) if r.groundable]
-            dropped = {r.concept_id: r.reason for r in report if not r.groundable}
-            if len(keep) < 2:
-                bar.close(summary=False)
-                raise ValueError(f"only {len(keep)} concepts are groundable on the validation data: {dropped}")
+    keep, report, dropped = _groundable_concepts(bank, grounding, Xva, val_concepts, drop_ungroundable, bar)
     sub_bank = bank.subset([bank.concept_ids[k] for k in keep])
     grounding = _subset_grounding(grounding, keep)
     with torch.no_grad():
         s_tr, s_va = grounding(Xtr).numpy(), grounding(Xva).numpy()
-    same = indistinguishable_concepts(
-        sub_bank.concept_ids, s_tr, None if train_concepts is None else np.asarray(train_concepts)[:, keep]
-    )
-    fit_warnings = [
-        f"concepts {a} and {b} are indistinguishable ({item['reason']}); the head cannot tell them apart: "
-        "merge them or fix their labels"
-        for item in same
-        for a, b in [item["concepts"]]
-    ]
-    for w in fit_warnings:
-        logger.warning(w)
+    same, fit_warnings = _indistinguishable_warnings(sub_bank.concept_ids, s_tr, train_concepts, keep)
     bar.set_postfix("head")
     bar.update(1)
     head = KnowledgePriorHead(
@@ -217,6 +185,108 @@ def fit_cbm(
     return FittedCBM(
         sub_bank, grounding, head, s_tr.mean(0), class_means, report, dropped, val_metrics, same, fit_warnings
     )
+
+
+def _prepare_inputs(
+    bank: ConceptBank,
+    train_features: np.ndarray,
+    train_y: np.ndarray,
+    val_features: np.ndarray,
+    train_concepts: np.ndarray | None,
+    val_concepts: np.ndarray | None,
+    mode: str,
+    text_embeddings: torch.Tensor | None,
+) -> tuple[str, torch.Tensor, torch.Tensor]:
+    """Check :func:`fit_cbm`'s inputs, resolve ``mode="auto"`` and convert the features to float32 tensors.
+
+    Returns:
+        The grounding mode (``probe`` or ``text``) and the training and validation features.
+
+    Raises:
+        ValueError: a class without training images, or a mode whose inputs are missing or unknown.
+    """
+    missing = [bank.classes[c] for c in range(bank.num_classes) if not np.any(np.asarray(train_y) == c)]
+    if missing:
+        raise ValueError(f"the training data has no image of class(es) {missing}; every class needs examples")
+    if mode == "auto":
+        mode = choose_grounding_mode(train_concepts)
+    Xtr = torch.as_tensor(np.asarray(train_features, dtype=np.float32))
+    Xva = torch.as_tensor(np.asarray(val_features, dtype=np.float32))
+    if mode == "probe" and (train_concepts is None or val_concepts is None):
+        raise ValueError("probe grounding needs concept labels for the training and validation images")
+    if mode == "text" and text_embeddings is None:
+        raise ValueError("text grounding needs the concept text embeddings of this backbone")
+    if mode not in ("probe", "text"):
+        raise ValueError(f"unknown grounding mode {mode!r}")
+    return mode, Xtr, Xva
+
+
+def _groundable_concepts(
+    bank: ConceptBank,
+    grounding: ConceptGrounding,
+    Xva: torch.Tensor,
+    val_concepts: np.ndarray | None,
+    drop_ungroundable: bool,
+    bar: Progress[Any],
+) -> tuple[list[int], list[ConceptGroundingReport], dict[str, str]]:
+    """Which concepts to keep: all, unless validation concept labels show some no better than chance.
+
+    Args:
+        bank: the full concept bank.
+        grounding: the grounding of all its concepts.
+        Xva: validation features.
+        val_concepts: validation concept labels (NaN where not annotated), or ``None``.
+        drop_ungroundable: whether concepts the report marks ungroundable are dropped.
+        bar: the fit's progress bar, closed without a summary when too few concepts remain.
+
+    Returns:
+        The kept concept indices, the grounding report (empty without labels) and the dropped ids with reasons.
+
+    Raises:
+        ValueError: when fewer than two concepts are groundable.
+    """
+    keep = list(range(bank.num_concepts))
+    report: list[ConceptGroundingReport] = []
+    dropped: dict[str, str] = {}
+    if val_concepts is not None and np.isfinite(np.asarray(val_concepts, dtype=np.float64)).any():
+        with torch.no_grad():
+            sv = grounding(Xva).numpy()
+        report = grounding_report(bank.concept_ids, sv, val_concepts)
+        if drop_ungroundable:
+            keep = [k for k, r in enumerate(report) if r.groundable]
+            dropped = {r.concept_id: r.reason for r in report if not r.groundable}
+            if len(keep) < 2:
+                bar.close(summary=False)
+                raise ValueError(f"only {len(keep)} concepts are groundable on the validation data: {dropped}")
+    return keep, report, dropped
+
+
+def _indistinguishable_warnings(
+    concept_ids: Sequence[str], s_tr: np.ndarray, train_concepts: np.ndarray | None, keep: list[int]
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The kept concepts the head cannot tell apart, and one logged warning per pair.
+
+    Args:
+        concept_ids: the kept concept ids.
+        s_tr: ``(N, K_kept)`` training concept scores.
+        train_concepts: ``(N, K)`` training concept labels over all concepts, or ``None``.
+        keep: indices of the kept concepts in ``train_concepts``' columns.
+
+    Returns:
+        The pairs (see :func:`indistinguishable_concepts`) and the warnings.
+    """
+    same = indistinguishable_concepts(
+        concept_ids, s_tr, None if train_concepts is None else np.asarray(train_concepts)[:, keep]
+    )
+    fit_warnings = [
+        f"concepts {a} and {b} are indistinguishable ({item['reason']}); the head cannot tell them apart: "
+        "merge them or fix their labels"
+        for item in same
+        for a, b in [item["concepts"]]
+    ]
+    for w in fit_warnings:
+        logger.warning(w)
+    return same, fit_warnings
 
 
 def _subset_grounding(g: ConceptGrounding, keep: list[int]) -> ConceptGrounding:

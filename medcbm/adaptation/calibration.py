@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..networks import calibrate_scores
-from .edit_search import allowed_losses
+from .edit_search import allowed_losses, guard_set
 
 __all__ = ["ConceptCalibrator", "ConceptMap", "calibration_space", "SHRINK_STEPS"]
 
@@ -131,8 +131,10 @@ class ConceptCalibrator:
         """
         S = np.asarray(site_scores, dtype=np.float64)
         R = np.asarray(reference_scores, dtype=np.float64)
-        U = np.zeros((0, R.shape[1])) if unlabelled_reference_scores is None else np.asarray(
-            unlabelled_reference_scores, dtype=np.float64
+        U = (
+            np.zeros((0, R.shape[1]))
+            if unlabelled_reference_scores is None
+            else np.asarray(unlabelled_reference_scores, dtype=np.float64)
         )
         if S.ndim != 2 or R.ndim != 2 or S.shape[1] != R.shape[1] or U.shape[1] != R.shape[1]:
             raise ValueError(f"site {S.shape}, reference {R.shape} and unlabelled {U.shape} scores must share K")
@@ -173,9 +175,7 @@ class ConceptCalibrator:
     def _guard(self, proposals: list[dict[str, float]], R: np.ndarray, yr: np.ndarray, U: np.ndarray) -> None:
         """Admit the proposals one at a time at the largest shrink the source guard allows (module docstring)."""
         K = R.shape[1]
-        G = np.vstack([R, U])
-        base = G @ self._W.T + self._b
-        target = np.concatenate([yr, base[len(R):].argmax(1)])
+        G, base, target = guard_set(R, yr, U, self._W, self._b)
         was_right = base.argmax(1) == target
         allowed = self.guard_allowed_losses_ = allowed_losses(len(G), self.guard_tolerance)
         self.slope_, self.intercept_ = np.ones(K), np.zeros(K)
@@ -195,8 +195,9 @@ class ConceptCalibrator:
                     self.slope_[k], self.intercept_[k], logits = slope, intercept, trial
                     G = G.copy()
                     G[:, k] = col
-                    self.maps_.append(ConceptMap(k, slope, intercept, lam, p["mt"], p["st"], p["mr"], p["sr"],
-                                                 p["z"], lost))
+                    self.maps_.append(
+                        ConceptMap(k, slope, intercept, lam, p["mt"], p["st"], p["mr"], p["sr"], p["z"], lost)
+                    )
                     break
             else:
                 self.refused_[self.concept_ids_[k]] = (

@@ -38,7 +38,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -114,6 +114,101 @@ def _improves(obj: np.ndarray, current: np.ndarray) -> bool:
 def _balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
     classes = np.unique(y)
     return float(np.mean([(pred[y == c] == c).mean() for c in classes])) if len(classes) else float("nan")
+
+
+def guard_set(
+    R: np.ndarray, yr: np.ndarray, U: np.ndarray, W: np.ndarray, b: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The source guard's images and what counts as a loss on them (shared with the concept calibration).
+
+    Labelled reference images are held to their labels, unlabelled ones to the unedited head's own prediction.
+
+    Args:
+        R, yr: ``(N, K)`` labelled reference scores and their ``(N,)`` labels.
+        U: ``(M, K)`` unlabelled reference scores.
+        W, b: the head, ``(C, K)`` / ``(C,)``.
+
+    Returns:
+        ``G`` ``(N + M, K)`` (``R`` then ``U``), its unedited logits ``(N + M, C)`` and the target class of each row.
+    """
+    G = np.vstack([R, U])
+    logits = G @ W.T + b
+    target = np.concatenate([yr, logits[len(R) :].argmax(1)]).astype(np.int64)
+    return G, logits, target
+
+
+class _FitData(NamedTuple):
+    """:meth:`ConceptEditSearch.fit`'s inputs, checked and as float64 / int64 arrays."""
+
+    W: np.ndarray  # (C, K) head weight
+    b: np.ndarray  # (C,) head bias
+    neutral: np.ndarray  # (K,)
+    S: np.ndarray  # (n, K) support scores
+    y: np.ndarray  # (n,) support labels
+    R: np.ndarray  # (N, K) reference scores
+    yr: np.ndarray  # (N,) reference labels
+    U: np.ndarray  # (M, K) unlabelled reference scores (M = 0 when none)
+    mus: np.ndarray  # (C, K) source class means
+
+
+def _fit_inputs(
+    support_scores: Any,
+    support_labels: Any,
+    weight: Any,
+    bias: Any,
+    neutral: Any,
+    reference_scores: Any,
+    reference_labels: Any,
+    source_class_means: Any,
+    unlabelled_reference_scores: Any,
+) -> _FitData:
+    """Check and convert :meth:`ConceptEditSearch.fit`'s arguments (documented there); the head comes first, as
+    every other shape is checked against it.
+
+    Raises:
+        ValueError: shapes or values that do not fit together, or an empty support set.
+    """
+    W = _as_2d(weight, "weight")
+    C, K = W.shape
+    b = np.asarray(bias, dtype=np.float64).reshape(-1)
+    n0 = np.asarray(neutral, dtype=np.float64).reshape(-1)
+    if b.shape != (C,) or n0.shape != (K,):
+        raise ValueError(f"bias {b.shape} / neutral {n0.shape} do not match a head of shape {(C, K)}")
+    S = _as_2d(support_scores, "support_scores")
+    if S.shape[0] == 0:
+        raise ValueError("the support set is empty (k = 0): give at least one labelled image per class")
+    if S.shape[1] != K:
+        raise ValueError(f"support_scores has {S.shape[1]} concepts, the head has {K}")
+    y = _as_labels(support_labels, len(S), C, "support_labels")
+    R = _as_2d(reference_scores, "reference_scores")
+    if R.shape[1] != K or len(R) == 0:
+        raise ValueError(f"reference_scores must be (N > 0, {K}), got {R.shape}")
+    yr = _as_labels(reference_labels, len(R), C, "reference_labels")
+    if unlabelled_reference_scores is None:
+        U = np.zeros((0, K))
+    else:
+        U = _as_2d(unlabelled_reference_scores, "unlabelled_reference_scores")
+        if U.shape[1] != K:
+            raise ValueError(f"unlabelled_reference_scores has {U.shape[1]} concepts, the head has {K}")
+    if source_class_means is None:
+        mus = np.tile(n0, (C, 1))  # a class absent from the reference set keeps the neutral value
+        for c in np.unique(yr):
+            mus[c] = R[yr == c].mean(0)
+    else:
+        mus = _as_2d(source_class_means, "source_class_means")
+        if mus.shape != (C, K):
+            raise ValueError(f"source_class_means must be {(C, K)}, got {mus.shape}")
+    return _FitData(W, b, n0, S, y, R, yr, U, mus)
+
+
+def _source_spread(R: np.ndarray, yr: np.ndarray, C: int) -> np.ndarray:
+    """``(C, K)`` source standard deviation per class (the pooled one for a class with fewer than 2 references),
+    floored at ``_EPS``."""
+    sds = np.tile(R.std(0), (C, 1))
+    for c in np.unique(yr):
+        if (yr == c).sum() >= 2:
+            sds[c] = R[yr == c].std(0, ddof=1)
+    return np.maximum(sds, _EPS)
 
 
 class ConceptEditSearch:
@@ -203,96 +298,132 @@ class ConceptEditSearch:
             ValueError: shapes or values that do not fit together, or an empty support set.
         """
         t0 = time.perf_counter()
-        W = _as_2d(weight, "weight")
-        C, K = W.shape
-        b = np.asarray(bias, dtype=np.float64).reshape(-1)
-        n0 = np.asarray(neutral, dtype=np.float64).reshape(-1)
-        if b.shape != (C,) or n0.shape != (K,):
-            raise ValueError(f"bias {b.shape} / neutral {n0.shape} do not match a head of shape {(C, K)}")
-        S = _as_2d(support_scores, "support_scores")
-        if S.shape[0] == 0:
-            raise ValueError("the support set is empty (k = 0): give at least one labelled image per class")
-        if S.shape[1] != K:
-            raise ValueError(f"support_scores has {S.shape[1]} concepts, the head has {K}")
-        y = _as_labels(support_labels, len(S), C, "support_labels")
-        R = _as_2d(reference_scores, "reference_scores")
-        if R.shape[1] != K or len(R) == 0:
-            raise ValueError(f"reference_scores must be (N > 0, {K}), got {R.shape}")
-        yr = _as_labels(reference_labels, len(R), C, "reference_labels")
-        if unlabelled_reference_scores is None:
-            U = np.zeros((0, K))
-        else:
-            U = _as_2d(unlabelled_reference_scores, "unlabelled_reference_scores")
-            if U.shape[1] != K:
-                raise ValueError(f"unlabelled_reference_scores has {U.shape[1]} concepts, the head has {K}")
-        if source_class_means is None:
-            mus = np.tile(n0, (C, 1))
-            for c in np.unique(yr):
-                mus[c] = R[yr == c].mean(0)
-        else:
-            mus = _as_2d(source_class_means, "source_class_means")
-            if mus.shape != (C, K):
-                raise ValueError(f"source_class_means must be {(C, K)}, got {mus.shape}")
+        d = _fit_inputs(
+            support_scores,
+            support_labels,
+            weight,
+            bias,
+            neutral,
+            reference_scores,
+            reference_labels,
+            source_class_means,
+            unlabelled_reference_scores,
+        )
+        S, y, R, yr, U = d.S, d.y, d.R, d.yr, d.U
+        C, K = d.W.shape
+        self._set_names(C, K)
+        self._W, self._b, self._neutral, self._mus = d.W, d.b, d.neutral, d.mus
+        # per-class source spread, for the shift evidence of a candidate (a support mean vs the source mean)
+        self._sds = _source_spread(R, yr, C)
+        present = np.unique(y)
+        self._set_support_warnings(present, len(S), C)
+        base_ref_correct = self._set_guard(R, yr, U)
+
+        before_pred = (S @ d.W.T + d.b).argmax(1)
+        loo_acc, best = self._leave_one_out(S, y, C, K, before_pred)
+        self.loo_ = [
+            {"n_edits": t, "loo_balanced_accuracy": round(a, 4) if a == a else None} for t, a in enumerate(loo_acc)
+        ]
+        path, self.rejected_ = self._path(S, y, C, K)
+        best = self._break_tie(best, bool(path), loo_acc, np.bincount(y, minlength=C)[present])
+        if best == 0:
+            self.rejected_ = []
+        self._set_edit(path[:best], K)
+        self.reasons_ = {self.concept_ids_[e.index]: self._reason(e, S, y) for e in self.edits_}
+        self.spec_ = self._make_spec(S, y, R, yr, len(U), before_pred, base_ref_correct, best)
+        self.fit_seconds_ = time.perf_counter() - t0
+        return self
+
+    def transform(self, scores: np.ndarray) -> np.ndarray:
+        """Apply the found edit to unedited scores ``(N, K)``."""
+        self._check_fitted()
+        return edited_scores(_as_2d(scores, "scores"), self.mask_, self.gain_, self._neutral)
+
+    def predict(self, scores: np.ndarray) -> np.ndarray:
+        """Class indices after the edit."""
+        return np.argmax(self.transform(scores) @ self._W.T + self._b, axis=1)
+
+    # ------------------------------------------------------------------ internals
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "mask_"):
+            raise RuntimeError("this ConceptEditSearch is not fitted yet; call fit() first")
+
+    def _set_names(self, C: int, K: int) -> None:
+        """Class names and concept ids for the reasons and the spec (defaults ``class<i>`` / ``concept<k>``)."""
         self.class_names_ = self.class_names or [f"class{c}" for c in range(C)]
         self.concept_ids_ = self.concept_ids or [f"concept{k}" for k in range(K)]
         if len(self.class_names_) != C or len(self.concept_ids_) != K:
             raise ValueError(
                 f"{len(self.class_names_)} class names / {len(self.concept_ids_)} concept ids for a head of {(C, K)}"
             )
-        self._W, self._b, self._neutral, self._mus = W, b, n0, mus
-        # per-class source spread, for the shift evidence of a candidate (a support mean vs the source mean)
-        sds = np.tile(R.std(0), (C, 1))
-        for c in np.unique(yr):
-            if (yr == c).sum() >= 2:
-                sds[c] = R[yr == c].std(0, ddof=1)
-        self._sds = np.maximum(sds, _EPS)
 
-        present = np.unique(y)
+    def _set_support_warnings(self, present: np.ndarray, n_support: int, C: int) -> None:
+        """``missing_classes_`` and ``warnings_``: classes without support images, and a single support image."""
         self.missing_classes_ = [self.class_names_[c] for c in range(C) if c not in set(present.tolist())]
         self.warnings_ = [
             f"class {name!r} has no support image: no edit was chosen for it, and the edit is not checked on it "
             "at this site (only on the source reference set)"
             for name in self.missing_classes_
         ]
-        if len(S) < 2:
+        if n_support < 2:
             self.warnings_.append("only one support image: leave-one-out is impossible, no edit is made")
 
-        # the guard's set: labelled references against their labels, unlabelled ones against their own prediction
-        G = np.vstack([R, U])
-        g_logits = G @ W.T + b
-        g_target = np.concatenate([yr, g_logits[len(R):].argmax(1)]).astype(np.int64)
+    def _set_guard(self, R: np.ndarray, yr: np.ndarray, U: np.ndarray) -> int:
+        """Prepare the source guard's set (``_guard_ctx``, ``guard_allowed_losses_``).
+
+        Returns:
+            How many labelled reference images the unedited head gets right.
+        """
+        G, g_logits, g_target = guard_set(R, yr, U, self._W, self._b)
         base_ref_correct = int((g_logits[: len(R)].argmax(1) == yr).sum())
         self.guard_allowed_losses_ = allowed_losses(len(G), self.guard_tolerance)
         self._guard_ctx = (G, g_target, g_logits, self.guard_allowed_losses_)
+        return base_ref_correct
 
-        # leave-one-out: the whole search without image i, then i scored after each step of its path
-        z = S @ W.T + b
-        before_pred = z.argmax(1)
+    def _leave_one_out(
+        self, S: np.ndarray, y: np.ndarray, C: int, K: int, before_pred: np.ndarray
+    ) -> tuple[list[float], int]:
+        """Leave-one-out balanced accuracy after each number of edits: the whole search without image ``i``, then
+        ``i`` scored after each step of that path.
+
+        Args:
+            S: ``(n, K)`` support scores.
+            y: ``(n,)`` support labels.
+            C, K: the head's shape.
+            before_pred: ``(n,)`` unedited predictions (what a held-out image gets after zero steps).
+
+        Returns:
+            The accuracy for 0..``max_edits`` edits (NaN with fewer than two images) and the best number of
+            edits (ties: fewer).
+        """
         T = self.max_edits
         loo_pred = np.tile(before_pred, (T + 1, 1))
-        if len(S) >= 2:
-            for i in range(len(S)):
-                keep = np.arange(len(S)) != i
-                path, _ = self._path(S[keep], y[keep], C, K)
-                for t in range(T + 1):
-                    loo_pred[t, i] = int(np.argmax(W @ self._apply_row(S[i], path[: min(t, len(path))]) + b))
-            loo_acc = [_balanced_accuracy(y, loo_pred[t]) for t in range(T + 1)]
-            best = max(range(T + 1), key=lambda t: (round(loo_acc[t], 9), -t))
-        else:
-            loo_acc, best = [float("nan")] * (T + 1), 0
-        self.loo_ = [
-            {"n_edits": t, "loo_balanced_accuracy": round(a, 4) if a == a else None} for t, a in enumerate(loo_acc)
-        ]
-        path, self.rejected_ = self._path(S, y, C, K)
-        # a tie is no evidence against the support set's best edit: keep that one edit, where leave-one-out can
-        # test at all (every class seen twice; with one image, holding it out removes its class)
+        if len(S) < 2:
+            return [float("nan")] * (T + 1), 0
+        for i in range(len(S)):
+            keep = np.arange(len(S)) != i
+            path, _ = self._path(S[keep], y[keep], C, K)
+            for t in range(T + 1):
+                loo_pred[t, i] = int(np.argmax(self._W @ self._apply_row(S[i], path[: min(t, len(path))]) + self._b))
+        loo_acc = [_balanced_accuracy(y, loo_pred[t]) for t in range(T + 1)]
+        best = max(range(T + 1), key=lambda t: (round(loo_acc[t], 9), -t))
+        return loo_acc, best
+
+    def _break_tie(self, best: int, has_path: bool, loo_acc: list[float], counts: np.ndarray) -> int:
+        """The number of edits to keep, and ``chosen_by_``: leave-one-out's choice, or one edit on a tie with none.
+
+        A tie is no evidence against the support set's best edit: that one edit is kept where leave-one-out can
+        test at all (every class seen twice, ``counts`` being the support count of each present class; with one
+        image, holding it out removes its class).
+        """
         self.chosen_by_ = "leave-one-out"
-        counts = np.bincount(y, minlength=C)[present]
-        if best == 0 and path and counts.min() >= 2 and round(loo_acc[1], 9) >= round(loo_acc[0], 9):
+        if best == 0 and has_path and counts.min() >= 2 and round(loo_acc[1], 9) >= round(loo_acc[0], 9):
             best, self.chosen_by_ = 1, "leave-one-out tie: the single best support edit"
-        if best == 0:
-            self.rejected_ = []
-        self.edits_ = path[:best]
+        return best
+
+    def _set_edit(self, edits: list[ConceptEdit], K: int) -> None:
+        """``edits_``, ``n_edits_`` and the network's form of them, ``mask_`` and ``gain_``."""
+        self.edits_ = edits
         self.n_edits_ = len(self.edits_)
         self.mask_ = np.zeros(K, dtype=bool)
         self.gain_ = np.ones(K)
@@ -302,10 +433,31 @@ class ConceptEditSearch:
             else:
                 self.gain_[e.index] = e.value
 
+    def _make_spec(
+        self,
+        S: np.ndarray,
+        y: np.ndarray,
+        R: np.ndarray,
+        yr: np.ndarray,
+        n_unlabelled: int,
+        before_pred: np.ndarray,
+        base_ref_correct: int,
+        best: int,
+    ) -> AdaptationSpec:
+        """The fitted edit as an :class:`AdaptationSpec`, with accuracies before / after and the search settings.
+
+        Args:
+            S, y: support scores and labels.
+            R, yr: reference scores and labels.
+            n_unlabelled: how many unlabelled reference images the guard used.
+            before_pred: unedited support predictions.
+            base_ref_correct: labelled reference images right before the edit.
+            best: the number of edits kept (its row of ``loo_``).
+        """
+        W, b, n0 = self._W, self._b, self._neutral
         edited_ref = edited_scores(R, self.mask_, self.gain_, n0) @ W.T + b
         edited_sup = edited_scores(S, self.mask_, self.gain_, n0) @ W.T + b
-        self.reasons_ = {self.concept_ids_[e.index]: self._reason(e, S, y) for e in self.edits_}
-        self.spec_ = AdaptationSpec(
+        return AdaptationSpec(
             mask=[self.concept_ids_[k] for k in np.flatnonzero(self.mask_)],
             gain={self.concept_ids_[k]: float(round(self.gain_[k], 6)) for k in np.flatnonzero(self.gain_ != 1.0)},
             reasons=self.reasons_,
@@ -330,27 +482,11 @@ class ConceptEditSearch:
                 "guard_rejected": {self.concept_ids_[e.index]: reason for e, reason in self.rejected_},
                 "n_support": int(len(S)),
                 "n_reference": int(len(R)),
-                "n_unlabelled_reference": int(len(U)),
+                "n_unlabelled_reference": int(n_unlabelled),
                 "guard_allowed_losses": int(self.guard_allowed_losses_),
                 "guard_confidence": 0.95,
             },
         )
-        self.fit_seconds_ = time.perf_counter() - t0
-        return self
-
-    def transform(self, scores: np.ndarray) -> np.ndarray:
-        """Apply the found edit to unedited scores ``(N, K)``."""
-        self._check_fitted()
-        return edited_scores(_as_2d(scores, "scores"), self.mask_, self.gain_, self._neutral)
-
-    def predict(self, scores: np.ndarray) -> np.ndarray:
-        """Class indices after the edit."""
-        return np.argmax(self.transform(scores) @ self._W.T + self._b, axis=1)
-
-    # ------------------------------------------------------------------ internals
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "mask_"):
-            raise RuntimeError("this ConceptEditSearch is not fitted yet; call fit() first")
 
     def _candidates(self, S: np.ndarray, y: np.ndarray, C: int, K: int) -> list[ConceptEdit]:
         """Mask, attenuation and amplification candidates for the support images ``S`` (rules in the module doc)."""
@@ -465,9 +601,7 @@ class ConceptEditSearch:
             a[e.index] = self._edit_column(a[e.index : e.index + 1], e)[0]
         return a
 
-    def _guard_one(
-        self, e: ConceptEdit, logits: np.ndarray
-    ) -> tuple[ConceptEdit | None, str, np.ndarray]:
+    def _guard_one(self, e: ConceptEdit, logits: np.ndarray) -> tuple[ConceptEdit | None, str, np.ndarray]:
         """The source guard for one more edit on top of the guard-set ``logits`` of the edits kept so far.
 
         Losses are counted, not the net accuracy change: images an edit happens to fix cannot hide images it
@@ -482,8 +616,13 @@ class ConceptEditSearch:
         tries = [1.0 + f * (e.value - 1.0) for f in _GAIN_BACKOFF] if e.op == "gain" and e.value > 1 else [e.value]
         lost_first = None
         for value in tries:
-            trial_edit = e if value == e.value else replace(e, value=value, reduced_from=e.value,
-                                                            margin_gain=e.margin_gain * (value - 1) / (e.value - 1))
+            trial_edit = (
+                e
+                if value == e.value
+                else replace(
+                    e, value=value, reduced_from=e.value, margin_gain=e.margin_gain * (value - 1) / (e.value - 1)
+                )
+            )
             trial = self._with_edit(logits, G, trial_edit)
             lost = int((was_correct & (trial.argmax(1) != target)).sum())
             lost_first = lost if lost_first is None else lost_first

@@ -20,7 +20,7 @@ import io
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -43,24 +43,33 @@ def _uid(*parts: Any) -> str:
     return "2.25." + str(int(digest[:32], 16))
 
 
-def _dicom_bytes(
-    array: np.ndarray,
-    photometric: str = "MONOCHROME2",
-    bits: int = 16,
-    window: tuple[float, float] | None = None,
-    signed: bool = False,
-    rescale: tuple[float, float] | None = None,
-    patient_name: str = "ANONYMOUS^SAMPLE",
-    patient_id: str = "SAMPLE0000",
-    modality: str = "OT",
-    extra: Mapping[str, Any] | None = None,
-    presentation_lut_shape: str | None = None,
-) -> bytes:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.pixels import convert_color_space
-    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+class _PixelData(NamedTuple):
+    """Validated, packed pixels and the geometry the DICOM header states."""
 
-    photometric = photometric.upper()
+    data: bytes  # PixelData, padded to an even length
+    frames: int
+    rows: int
+    cols: int
+    allocated: int  # BitsAllocated: 8 or 16
+
+
+def _pixel_data(array: np.ndarray, photometric: str, bits: int, signed: bool) -> _PixelData:
+    """Check ``array`` against the photometric interpretation and bit depth, and pack it little-endian.
+
+    Args:
+        array: ``(H, W)`` / ``(frames, H, W)`` greyscale or ``(H, W, 3)`` RGB values.
+        photometric: upper-case ``MONOCHROME1``, ``MONOCHROME2``, ``RGB`` or ``YBR_FULL``.
+        bits: bits stored (1..16; 8 for colour).
+        signed: two's complement pixels.
+
+    Returns:
+        The packed pixels (``YBR_FULL`` converted from RGB) and their geometry.
+
+    Raises:
+        ValueError: for an unsupported photometric interpretation, shape, bit depth or value range.
+    """
+    from pydicom.pixels import convert_color_space
+
     colour = photometric in ("RGB", "YBR_FULL")
     if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB", "YBR_FULL"):
         raise ValueError(f"photometric {photometric!r} must be MONOCHROME1, MONOCHROME2, RGB or YBR_FULL")
@@ -93,17 +102,62 @@ def _dicom_bytes(
     data = pixels.tobytes()
     if len(data) % 2:
         data += b"\x00"
+    return _PixelData(data, frames, rows, cols, allocated)
 
-    salt = (hashlib.sha256(data).hexdigest(), photometric, bits, signed, window, rescale, modality)
-    sop_uid = _uid("sop", *salt)
+
+def _file_meta(sop_uid: str) -> Any:
+    """The file meta information of a Secondary Capture instance in Explicit VR Little Endian."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
+
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = _SECONDARY_CAPTURE
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
+    return meta
+
+
+def _set_image_pixel_module(ds: Any, px: _PixelData, photometric: str, bits: int, signed: bool) -> None:
+    """Write the attributes that describe the pixels (samples, geometry, bit depth, sign) into ``ds``."""
+    colour = photometric in ("RGB", "YBR_FULL")
+    ds.SamplesPerPixel = 3 if colour else 1
+    ds.PhotometricInterpretation = photometric
+    if colour:
+        ds.PlanarConfiguration = 0
+    if px.frames > 1:
+        ds.NumberOfFrames = px.frames
+    ds.Rows, ds.Columns = int(px.rows), int(px.cols)
+    ds.BitsAllocated = px.allocated
+    ds.BitsStored = int(bits)
+    ds.HighBit = int(bits) - 1
+    ds.PixelRepresentation = 1 if signed else 0
+
+
+def _dicom_bytes(
+    array: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    bits: int = 16,
+    window: tuple[float, float] | None = None,
+    signed: bool = False,
+    rescale: tuple[float, float] | None = None,
+    patient_name: str = "ANONYMOUS^SAMPLE",
+    patient_id: str = "SAMPLE0000",
+    modality: str = "OT",
+    extra: Mapping[str, Any] | None = None,
+    presentation_lut_shape: str | None = None,
+) -> bytes:
+    """The bytes of the file :func:`write_synthetic_dicom` writes (same arguments, no path)."""
+    from pydicom.dataset import Dataset
+
+    photometric = photometric.upper()
+    px = _pixel_data(array, photometric, bits, signed)
+    # UIDs derive from the content, so the same call writes the same bytes
+    salt = (hashlib.sha256(px.data).hexdigest(), photometric, bits, signed, window, rescale, modality)
+    sop_uid = _uid("sop", *salt)
 
     ds = Dataset()
-    ds.file_meta = meta
+    ds.file_meta = _file_meta(sop_uid)
     ds.SOPClassUID = _SECONDARY_CAPTURE
     ds.SOPInstanceUID = sop_uid
     ds.StudyInstanceUID = _uid("study", *salt)
@@ -115,17 +169,7 @@ def _dicom_bytes(
     ds.PatientIdentityRemoved = "YES"
     ds.BurnedInAnnotation = "NO"
     ds.InstanceNumber = 1
-    ds.SamplesPerPixel = 3 if colour else 1
-    ds.PhotometricInterpretation = photometric
-    if colour:
-        ds.PlanarConfiguration = 0
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    ds.Rows, ds.Columns = int(rows), int(cols)
-    ds.BitsAllocated = allocated
-    ds.BitsStored = int(bits)
-    ds.HighBit = int(bits) - 1
-    ds.PixelRepresentation = 1 if signed else 0
+    _set_image_pixel_module(ds, px, photometric, bits, signed)
     if window is not None:
         ds.WindowCenter = f"{float(window[0]):g}"
         ds.WindowWidth = f"{float(window[1]):g}"
@@ -134,9 +178,9 @@ def _dicom_bytes(
         ds.RescaleIntercept = f"{float(rescale[1]):g}"
     if presentation_lut_shape is not None:
         ds.PresentationLUTShape = presentation_lut_shape
-    for keyword, value in (extra or {}).items():
+    for keyword, value in (extra or {}).items():  # last, so that callers may override any attribute above
         setattr(ds, keyword, value)
-    ds.PixelData = data
+    ds.PixelData = px.data
 
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
