@@ -40,6 +40,7 @@ from .grounding import ConceptGrounding, TextGrounding
 from .head import KnowledgePriorHead
 from .networks import CBM_FORMAT_VERSION, ConceptBottleneckClassifier, read_cbm_state
 from .transforms import CHANNEL_MODES, ClinicalImagePipeline
+from .options import is_unset
 
 __all__ = [
     "BundleLoadError",
@@ -337,7 +338,7 @@ class LoadedBundle:
     # -------------------------------------------------------------- adaptation
     def set_adaptation(self, adaptation: Any) -> "LoadedBundle":
         """Apply a test-time edit: an ``AdaptationSpec``, a path to ``adaptation.json``, or ``None`` to reset."""
-        if adaptation in (None, "", "None"):
+        if is_unset(adaptation):
             self.network.reset_edit()
             self.adaptation = None
             self.info.pop("adaptation", None)
@@ -395,7 +396,7 @@ class LoadedBundle:
                 from the fit's, concepts or classes that do not match the bank.
         """
         root = Path(bundle_root)
-        models = Path(models_dir) if models_dir not in (None, "", "None") else root / "models"
+        models = root / "models" if is_unset(models_dir) else Path(models_dir)
         if not models.is_dir():
             raise BundleLoadError(f"models folder not found: {models}")
         meta = _read_metadata(root)
@@ -440,7 +441,7 @@ class LoadedBundle:
             info=info,
             fit_meta=fit_meta,
         )
-        if adaptation not in (None, "", "None"):
+        if not is_unset(adaptation):
             bundle.set_adaptation(adaptation)
         bundle.to(device)
         return bundle
@@ -477,7 +478,7 @@ def _backbone_spec(
         ``(spec, pretrained)``; a stored hub backbone brings its own pretrained tag unless one is given.
     """
     stored_spec = fit_meta.get("backbone_spec")
-    if backbone not in (None, "", "None"):
+    if not is_unset(backbone):
         spec = str(backbone)
     elif stored_spec and stored_spec != "local-dir":
         spec, pretrained = stored_spec, pretrained or fit_meta.get("backbone_pretrained")
