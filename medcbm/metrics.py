@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-__all__ = ["auroc", "auroc_lower_bound", "balanced_accuracy", "accuracy"]
+__all__ = ["auroc", "auroc_lower_bound", "balanced_accuracy", "accuracy", "softmax"]
 
 
 def auroc(y_true: np.ndarray, score: np.ndarray) -> float:
@@ -52,3 +52,11 @@ def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
     recalls = [float((y_pred[y_true == c] == c).mean()) for c in np.unique(y_true)]
     return float(np.mean(recalls)) if recalls else float("nan")
+
+
+def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax in float64 (the one used by adaptation, audit and benchmarks)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=axis, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=axis, keepdims=True)

@@ -26,6 +26,7 @@ from medcbm.audit import metrics as M
 from medcbm.bundle import LoadedBundle
 from medcbm.concepts import ConceptBank
 from medcbm.data import InputRecord, list_inputs
+from medcbm.metrics import softmax
 from medcbm.workflows.audit import audit_bundle, explain, what_if_values
 from medcbm.workflows.train import concept_label_matrix, parse_concept_label
 from test_workflows import _fit_toy_bundle
@@ -64,7 +65,7 @@ def test_deletion_curve_follows_the_predicted_class_not_class_0():
     W = np.array([[-2.0, -2.0, 0.0], [2.0, 2.0, 0.0]])
     S = np.array([[1.0, 0.9, 0.2], [0.8, 1.0, 0.4], [0.9, 0.7, 0.9]])
     b, nu = np.zeros(2), np.zeros(3)
-    p = M.softmax(S @ W.T + b)
+    p = softmax(S @ W.T + b)
     assert (p.argmax(1) == 1).all()
     res = M.deletion(S, W, b, nu, n_random=3)
     # before any deletion: the mean probability of the predicted class; after all: every concept neutral
@@ -119,7 +120,7 @@ def _explained(user_what_if=None):
                 user_what_if=user_what_if)  # fmt: skip
 
     def proba(s):
-        return M.softmax((s @ W.T + bias)[None])[0]
+        return softmax((s @ W.T + bias)[None])[0]
 
     return e, proba, scores, neutral, hi, lo
 

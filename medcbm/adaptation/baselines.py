@@ -13,14 +13,11 @@ from typing import Sequence
 import numpy as np
 
 from ..head import KnowledgePriorHead
+from ..metrics import softmax
 
 __all__ = ["T3A", "lame_predict", "refit_head_with_prior", "linear_probe_refit"]
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
 
 
 def _normalise(x: np.ndarray) -> np.ndarray:
@@ -58,7 +55,7 @@ class T3A:
                 members[int(c)].append((v, 0.0))
         out = np.empty(len(h), dtype=np.int64)
         for i, x in enumerate(h):
-            p = _softmax((x @ self.W.T + self.b)[None])[0]
+            p = softmax((x @ self.W.T + self.b)[None])[0]
             c = int(p.argmax())
             ent = float(-(p * np.log(p + 1e-12)).sum())
             members[c].append((_normalise(x[None])[0], ent))
@@ -79,7 +76,7 @@ def lame_predict(
     kNN affinity ``w`` on the (normalised) representation ``h``; the fixed point is
     ``z_i ∝ p_i * exp(sum_j w_ij z_j)``. Returns class indices of the adjusted assignments.
     """
-    p = _softmax(np.asarray(logits, dtype=np.float64))
+    p = softmax(np.asarray(logits, dtype=np.float64))
     x = _normalise(np.asarray(h, dtype=np.float64))
     n = len(x)
     if n <= 1:
@@ -94,7 +91,7 @@ def lame_predict(
     logp = np.log(p + 1e-12)
     z = p.copy()
     for _ in range(max_iter):
-        new = _softmax(logp + Wa @ z)
+        new = softmax(logp + Wa @ z)
         if np.abs(new - z).max() < tol:
             z = new
             break

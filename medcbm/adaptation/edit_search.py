@@ -42,6 +42,7 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from ..metrics import balanced_accuracy
 from .spec import AdaptationSpec
 
 __all__ = ["ConceptEditSearch", "ConceptEdit", "edited_scores", "allowed_losses"]
@@ -111,9 +112,6 @@ def _improves(obj: np.ndarray, current: np.ndarray) -> bool:
     return (round(obj[0], 9), obj[1]) > (round(current[0], 9), current[1] + _EPS)
 
 
-def _balanced_accuracy(y: np.ndarray, pred: np.ndarray) -> float:
-    classes = np.unique(y)
-    return float(np.mean([(pred[y == c] == c).mean() for c in classes])) if len(classes) else float("nan")
 
 
 def guard_set(
@@ -405,7 +403,7 @@ class ConceptEditSearch:
             path, _ = self._path(S[keep], y[keep], C, K)
             for t in range(T + 1):
                 loo_pred[t, i] = int(np.argmax(self._W @ self._apply_row(S[i], path[: min(t, len(path))]) + self._b))
-        loo_acc = [_balanced_accuracy(y, loo_pred[t]) for t in range(T + 1)]
+        loo_acc = [balanced_accuracy(y, loo_pred[t]) for t in range(T + 1)]
         best = max(range(T + 1), key=lambda t: (round(loo_acc[t], 9), -t))
         return loo_acc, best
 

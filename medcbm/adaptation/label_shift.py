@@ -22,17 +22,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["em_class_prior", "LabelShiftEstimator", "softmax"]
+from ..metrics import softmax
+
+__all__ = ["em_class_prior", "LabelShiftEstimator"]
 
 _FLOOR = 1e-4  # smallest prior used in a log-ratio
 
 
-def softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise softmax of ``(n, C)`` logits (float64)."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(1, keepdims=True)
 
 
 def em_class_prior(

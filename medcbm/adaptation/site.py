@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .calibration import ConceptCalibrator
-from .label_shift import LabelShiftEstimator, softmax
+from ..metrics import softmax
+from .label_shift import LabelShiftEstimator
 
 __all__ = ["SiteFit", "fit_site_adaptation"]
 

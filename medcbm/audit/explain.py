@@ -17,6 +17,7 @@ import numpy as np
 
 from ..bundle import LoadedBundle
 from ..data import InputListError
+from ..metrics import softmax
 from ..predictions import concept_label, top_concepts
 from . import metrics as M
 from ..options import is_unset
@@ -78,8 +79,6 @@ def parse_what_if(spec: Any, concept_ids: Sequence[str]) -> dict[int, str | floa
     return out
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    return M.softmax(z[None])[0]
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,7 @@ class _WhatIf:
     def scenario(self, change: str, s: np.ndarray, pred: int) -> dict[str, Any]:
         """What the model predicts from the edited scores ``s``, and what becomes of the original class."""
         w = self.weight
-        p = _softmax(s.astype(np.float64) @ w.T.astype(np.float64) + (self.bias - w @ self.neutral))
+        p = softmax(s.astype(np.float64) @ w.T.astype(np.float64) + (self.bias - w @ self.neutral))
         j = int(np.argmax(p))
         return {
             "change": change,
@@ -193,7 +192,7 @@ def explain(
     }
     bias_d = {c: float(bias[ci]) for ci, c in enumerate(class_names)}
     logits = np.array([math.fsum(list(contrib[c].values()) + [bias_d[c]]) for c in class_names])
-    proba = _softmax(logits)
+    proba = softmax(logits)
     pred = int(np.argmax(logits))
     tops = top_concepts(concept_ids, contributions[pred], scores, neutral, top_k)
     n95, exp_h = M.effective_concept_counts(contributions[pred][None], 0.95)

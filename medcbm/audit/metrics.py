@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..metrics import softmax
+
 __all__ = [
     "EFFECTIVE_CONCEPT_LIMIT",
     "prior_agreement",
@@ -29,7 +31,6 @@ __all__ = [
     "concept_location",
     "top_fraction_mask",
     "deletion",
-    "softmax",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,14 +73,6 @@ def _cosine(u: np.ndarray, v: np.ndarray) -> float | None:
 
 def _r(x: float | None, nd: int = 4) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), nd)
-
-
-def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax."""
-    z = np.asarray(logits, dtype=np.float64)
-    z = z - z.max(axis=axis, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=axis, keepdims=True)
 
 
 # ---------------------------------------------------------------------------------------------- the prior
