@@ -52,14 +52,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from medcbm.adaptation import (  # noqa: E402
-    T3A,
-    ConceptEditSearch,
-    fit_site_adaptation,
-    lame_predict,
-    linear_probe_refit,
-    refit_head_with_prior,
-)
+from medcbm.adaptation import ConceptEditSearch, fit_site_adaptation  # noqa: E402
+from medcbm.adaptation.baselines import T3A, lame_predict, linear_probe_refit, refit_head_with_prior  # noqa: E402
 from medcbm.bundle import LoadedBundle  # noqa: E402
 from medcbm.datasets.paths import shared_data_root  # noqa: E402
 from medcbm.engine import PredictionEngine  # noqa: E402

@@ -263,9 +263,9 @@ class SourceReference:
         )
 
     def site_shift_detector(self) -> Any:
-        """The fitted :class:`~medcbm.adaptation.shift.SiteShiftDetector` stored with this set (fitted on the
+        """The fitted :class:`~medcbm.site_shift.SiteShiftDetector` stored with this set (fitted on the
         training features when the file predates it), or ``None`` without training features."""
-        from .adaptation.shift import SiteShiftDetector
+        from .site_shift import SiteShiftDetector
 
         if self.shift_tensors:
             return SiteShiftDetector.from_tensors(self.shift_tensors)

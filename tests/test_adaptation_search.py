@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medcbm.adaptation import AdaptationSpec, ConceptEditSearch, T3A, lame_predict, refit_head_with_prior
+from medcbm.adaptation import AdaptationSpec, ConceptEditSearch
+from medcbm.adaptation.baselines import T3A, lame_predict, refit_head_with_prior
 
 C, K = 3, 6
 CLASSES = ["a", "b", "c"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from medcbm.adaptation import SiteShiftDetector, summarize_shift
+from medcbm.site_shift import SiteShiftDetector, summarize_shift
 
 REPO = Path(__file__).resolve().parents[1]
 

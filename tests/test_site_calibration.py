@@ -17,7 +17,7 @@ import torch
 from medcbm.adaptation import AdaptationSpec, ConceptCalibrator, LabelShiftEstimator, em_class_prior
 from medcbm.adaptation.edit_search import allowed_losses
 from medcbm.metrics import softmax
-from medcbm.adaptation.shift import SiteShiftDetector, concept_shift_report, looks_like_another_modality
+from medcbm.site_shift import SiteShiftDetector, concept_shift_report, looks_like_another_modality
 from medcbm.adaptation.site import fit_site_adaptation
 from medcbm.grounding import ProbeGrounding
 from medcbm.networks import ConceptBottleneckClassifier

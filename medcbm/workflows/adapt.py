@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..adaptation import AdaptationSpec, ConceptEditSearch
-from ..adaptation.shift import concept_shift_report
+from ..site_shift import concept_shift_report
 from ..adaptation.site import SiteFit, fit_site_adaptation
 from ..bundle import REFERENCE_FILE, LoadedBundle
 from ..data import InputRecord, list_inputs

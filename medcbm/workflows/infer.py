@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..adaptation.shift import concept_shift_report
+from ..site_shift import concept_shift_report
 from ..bundle import LoadedBundle
 from ..data import InputRecord
 from ..engine import PredictionEngine, dist_rank_world, shard_indices

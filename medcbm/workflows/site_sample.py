@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from ..adaptation.shift import looks_like_another_modality
+from ..site_shift import looks_like_another_modality
 from ..data import InputRecord, list_inputs
 from ..engine import PredictionEngine
 from ..errors import MedcbmUserError

@@ -294,7 +294,7 @@ class TrainingRunner:
 
 def _shift_tensors(train_features: np.ndarray) -> dict[str, Any]:
     """The site-shift detector fitted once at training time (inference then only loads it)."""
-    from ..adaptation.shift import SiteShiftDetector
+    from ..site_shift import SiteShiftDetector
 
     if len(train_features) < SiteShiftDetector().min_reference_size:
         logger.warning("too few training images (%d) for the site-shift alarm; it is left out", len(train_features))
