@@ -192,7 +192,7 @@ def test_guard_counts_prediction_changes_on_unlabelled_source_images():
 def test_allowed_losses_hold_the_tolerance_at_95_percent():
     from scipy.stats import beta
 
-    from medcbm.adaptation.edit_search import allowed_losses
+    from medcbm.adaptation.source_guard import allowed_losses
 
     assert allowed_losses(150, 0.005) == 0  # too few images to show 0.5 points: nothing may be lost
     assert allowed_losses(2150, 0.005) == 5

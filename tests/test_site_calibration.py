@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from medcbm.adaptation import AdaptationSpec, ConceptCalibrator, LabelShiftEstimator, em_class_prior
-from medcbm.adaptation.edit_search import allowed_losses
+from medcbm.adaptation.source_guard import allowed_losses
 from medcbm.metrics import softmax
 from medcbm.site_shift import SiteShiftDetector, concept_shift_report, looks_like_another_modality
 from medcbm.adaptation.site import fit_site_adaptation

@@ -16,7 +16,7 @@ source's keeps the identity.
 **Source guard.** The map is meant for the site, but applied to the source reference set *as if it were the site*
 it must not change that set's predictions: concepts are admitted one at a time (largest shift first), each at the
 largest of 1, 3/4, 1/2, 1/4 of its step whose cumulative effect stays within the losses
-:func:`~medcbm.adaptation.edit_search.allowed_losses` allows (labelled reference images turned wrong, unlabelled
+:func:`~medcbm.adaptation.source_guard.allowed_losses` allows (labelled reference images turned wrong, unlabelled
 source training images whose prediction changes), else refused. Every map, shrink and refusal carries a reason.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from ..networks import calibrate_scores
-from .edit_search import allowed_losses, guard_set
+from .source_guard import allowed_losses, guard_set
 
 __all__ = ["ConceptCalibrator", "ConceptMap", "calibration_space", "SHRINK_STEPS"]
 

@@ -38,32 +38,21 @@ import logging
 import math
 import time
 from dataclasses import dataclass, replace
-from typing import Any, NamedTuple, Sequence
+from typing import Sequence
 
 import numpy as np
 
 from ..metrics import balanced_accuracy
+from .edit_inputs import _as_2d, _fit_inputs, _source_spread
+from .source_guard import allowed_losses, guard_set
 from .spec import AdaptationSpec
 
-__all__ = ["ConceptEditSearch", "ConceptEdit", "edited_scores", "allowed_losses"]
+__all__ = ["ConceptEditSearch", "ConceptEdit", "edited_scores"]
 
 logger = logging.getLogger(__name__)
 
 _EPS = 1e-6
 _GAIN_BACKOFF = (1.0, 0.75, 0.5, 0.25)  # fractions of (gamma - 1) the guard tries, largest first
-
-
-def allowed_losses(n: int, tolerance: float, confidence: float = 0.95) -> int:
-    """Largest number of lost source images out of ``n`` whose one-sided Clopper-Pearson upper bound on the loss
-    rate (at ``confidence``) is at most ``tolerance``; 0 when even no loss cannot show it (small ``n``)."""
-    from scipy.stats import beta
-
-    best = 0
-    for k in range(n):
-        if float(beta.ppf(confidence, k + 1, n - k)) > tolerance:
-            break
-        best = k
-    return best
 
 
 @dataclass(frozen=True)
@@ -83,130 +72,10 @@ def edited_scores(scores: np.ndarray, mask: np.ndarray, gain: np.ndarray, neutra
     return np.where(mask[None, :], neutral[None, :], scores * gain[None, :])
 
 
-def _as_2d(x: Any, name: str) -> np.ndarray:
-    a = np.asarray(x, dtype=np.float64)
-    if a.ndim != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
-    if not np.isfinite(a).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return a
-
-
-def _as_labels(y: Any, n: int, n_classes: int, name: str) -> np.ndarray:
-    a = np.asarray(y)
-    if a.ndim != 1 or len(a) != n:
-        raise ValueError(f"{name} must be 1-D with {n} entries, got shape {a.shape}")
-    if a.size and not np.issubdtype(a.dtype, np.integer):
-        if np.issubdtype(a.dtype, np.floating) and np.all(a == np.round(a)):
-            a = a.astype(np.int64)
-        else:
-            raise ValueError(f"{name} must hold integer class indices, got dtype {a.dtype}")
-    if a.size and (a.min() < 0 or a.max() >= n_classes):
-        raise ValueError(f"{name} has class indices outside [0, {n_classes - 1}]")
-    return a.astype(np.int64)
-
-
 def _improves(obj: np.ndarray, current: np.ndarray) -> bool:
     """Whether a (balanced accuracy, mean log-probability) pair beats ``current``: higher accuracy, or equal
     accuracy and a log-probability higher by more than noise."""
     return (round(obj[0], 9), obj[1]) > (round(current[0], 9), current[1] + _EPS)
-
-
-
-
-def guard_set(
-    R: np.ndarray, yr: np.ndarray, U: np.ndarray, W: np.ndarray, b: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The source guard's images and what counts as a loss on them (shared with the concept calibration).
-
-    Labelled reference images are held to their labels, unlabelled ones to the unedited head's own prediction.
-
-    Args:
-        R, yr: ``(N, K)`` labelled reference scores and their ``(N,)`` labels.
-        U: ``(M, K)`` unlabelled reference scores.
-        W, b: the head, ``(C, K)`` / ``(C,)``.
-
-    Returns:
-        ``G`` ``(N + M, K)`` (``R`` then ``U``), its unedited logits ``(N + M, C)`` and the target class of each row.
-    """
-    G = np.vstack([R, U])
-    logits = G @ W.T + b
-    target = np.concatenate([yr, logits[len(R) :].argmax(1)]).astype(np.int64)
-    return G, logits, target
-
-
-class _FitData(NamedTuple):
-    """:meth:`ConceptEditSearch.fit`'s inputs, checked and as float64 / int64 arrays."""
-
-    W: np.ndarray  # (C, K) head weight
-    b: np.ndarray  # (C,) head bias
-    neutral: np.ndarray  # (K,)
-    S: np.ndarray  # (n, K) support scores
-    y: np.ndarray  # (n,) support labels
-    R: np.ndarray  # (N, K) reference scores
-    yr: np.ndarray  # (N,) reference labels
-    U: np.ndarray  # (M, K) unlabelled reference scores (M = 0 when none)
-    mus: np.ndarray  # (C, K) source class means
-
-
-def _fit_inputs(
-    support_scores: Any,
-    support_labels: Any,
-    weight: Any,
-    bias: Any,
-    neutral: Any,
-    reference_scores: Any,
-    reference_labels: Any,
-    source_class_means: Any,
-    unlabelled_reference_scores: Any,
-) -> _FitData:
-    """Check and convert :meth:`ConceptEditSearch.fit`'s arguments (documented there); the head comes first, as
-    every other shape is checked against it.
-
-    Raises:
-        ValueError: shapes or values that do not fit together, or an empty support set.
-    """
-    W = _as_2d(weight, "weight")
-    C, K = W.shape
-    b = np.asarray(bias, dtype=np.float64).reshape(-1)
-    n0 = np.asarray(neutral, dtype=np.float64).reshape(-1)
-    if b.shape != (C,) or n0.shape != (K,):
-        raise ValueError(f"bias {b.shape} / neutral {n0.shape} do not match a head of shape {(C, K)}")
-    S = _as_2d(support_scores, "support_scores")
-    if S.shape[0] == 0:
-        raise ValueError("the support set is empty (k = 0): give at least one labelled image per class")
-    if S.shape[1] != K:
-        raise ValueError(f"support_scores has {S.shape[1]} concepts, the head has {K}")
-    y = _as_labels(support_labels, len(S), C, "support_labels")
-    R = _as_2d(reference_scores, "reference_scores")
-    if R.shape[1] != K or len(R) == 0:
-        raise ValueError(f"reference_scores must be (N > 0, {K}), got {R.shape}")
-    yr = _as_labels(reference_labels, len(R), C, "reference_labels")
-    if unlabelled_reference_scores is None:
-        U = np.zeros((0, K))
-    else:
-        U = _as_2d(unlabelled_reference_scores, "unlabelled_reference_scores")
-        if U.shape[1] != K:
-            raise ValueError(f"unlabelled_reference_scores has {U.shape[1]} concepts, the head has {K}")
-    if source_class_means is None:
-        mus = np.tile(n0, (C, 1))  # a class absent from the reference set keeps the neutral value
-        for c in np.unique(yr):
-            mus[c] = R[yr == c].mean(0)
-    else:
-        mus = _as_2d(source_class_means, "source_class_means")
-        if mus.shape != (C, K):
-            raise ValueError(f"source_class_means must be {(C, K)}, got {mus.shape}")
-    return _FitData(W, b, n0, S, y, R, yr, U, mus)
-
-
-def _source_spread(R: np.ndarray, yr: np.ndarray, C: int) -> np.ndarray:
-    """``(C, K)`` source standard deviation per class (the pooled one for a class with fewer than 2 references),
-    floored at ``_EPS``."""
-    sds = np.tile(R.std(0), (C, 1))
-    for c in np.unique(yr):
-        if (yr == c).sum() >= 2:
-            sds[c] = R[yr == c].std(0, ddof=1)
-    return np.maximum(sds, _EPS)
 
 
 class ConceptEditSearch:
