@@ -25,22 +25,24 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save as save_safetensors
 
 from .backbones import LOCAL_DIR, Backbone, load_backbone
 from .concepts import ConceptBank, load_concept_bank
-from .errors import MedcbmUserError
+from .errors import BundleLoadError
 from .io.atomic import atomic_write_bytes
 from .grounding import ConceptGrounding, TextGrounding
 from .head import KnowledgePriorHead
-from .networks import CBM_FORMAT_VERSION, ConceptBottleneckClassifier, read_cbm_state
+from .networks import CBM_FORMAT_VERSION, ConceptBottleneckClassifier, read_cbm_state, save_cbm_state
 from .transforms import CHANNEL_MODES, ClinicalImagePipeline
 from .options import is_unset
+from .reference_set import REFERENCE_FILE, SourceReference
+
+if TYPE_CHECKING:  # fitting imports the grounding / head modules; the writer only needs the type
+    from .fitting import FittedCBM
 
 __all__ = [
     "BundleLoadError",
@@ -49,6 +51,7 @@ __all__ = [
     "LoadedBundle",
     "build_network",
     "write_model_pt",
+    "save_bundle_network",
     "CBM_FILE",
     "REFERENCE_FILE",
     "BACKBONE_DIR",
@@ -58,14 +61,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CBM_FILE = "cbm.safetensors"
-REFERENCE_FILE = "reference.safetensors"
 BACKBONE_DIR = "backbone"
 MODEL_PT = "model.pt"
-REFERENCE_FORMAT_VERSION = "1"
-
-
-class BundleLoadError(MedcbmUserError, ValueError):
-    """A bundle's files are missing, inconsistent or were written by an incompatible version."""
 
 
 # ---------------------------------------------------------------------------------------------- preprocessing
@@ -151,127 +148,6 @@ class Preprocessing:
             if not same:
                 out.append(f"{key} (fit: {other}, now: {value})")
         return out
-
-
-# ---------------------------------------------------------------------------------------------- reference set
-@dataclass
-class SourceReference:
-    """Held-out source-site data a bundle carries instead of images.
-
-    Attributes:
-        features: ``(N, D)`` encoder features of the source validation split.
-        scores: ``(N, K)`` unedited concept scores of the same images.
-        labels: ``(N,)`` class indices.
-        train_features: ``(M, D)`` a sample of source training features (the site-shift alarm's reference).
-        split: a description of where the images came from.
-        concept_ids, class_names: the order of ``scores`` columns and label values.
-        backbone_fingerprint, preprocessing_fingerprint: what produced the features.
-    """
-
-    features: np.ndarray
-    scores: np.ndarray
-    labels: np.ndarray
-    train_features: np.ndarray
-    split: str
-    concept_ids: list[str]
-    class_names: list[str]
-    backbone_fingerprint: str = ""
-    preprocessing_fingerprint: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-    shift_tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # the fitted site-shift detector
-
-    def __post_init__(self) -> None:
-        n = len(self.labels)
-        if self.features.shape[0] != n or self.scores.shape[0] != n:
-            raise ValueError(
-                f"reference set: {self.features.shape[0]} feature rows, {self.scores.shape[0]} score rows and "
-                f"{n} labels must agree"
-            )
-        if self.scores.ndim != 2 or self.scores.shape[1] != len(self.concept_ids):
-            raise ValueError(f"reference set: scores {self.scores.shape} do not match {len(self.concept_ids)} concepts")
-
-    def accuracy(self, network: ConceptBottleneckClassifier) -> float:
-        """Accuracy of ``network``'s head (with its current edit) on the reference scores."""
-        device = network.head.weight.device
-        with torch.no_grad():
-            s = torch.as_tensor(self.scores, dtype=torch.float32, device=device)
-            pred = network.logits_from_scores(network.apply_edit(s)).argmax(1).cpu().numpy()
-        return float((pred == self.labels).mean()) if len(self.labels) else float("nan")
-
-    def unlabelled_scores(self, network: ConceptBottleneckClassifier) -> np.ndarray:
-        """Unedited concept scores ``(M, K)`` of the training-feature sample (float64; no labels are stored):
-        the source guard checks that an edit leaves their predictions alone."""
-        if len(self.train_features) == 0:
-            return np.zeros((0, len(self.concept_ids)))
-        device = network.head.weight.device
-        with torch.no_grad():
-            f = torch.as_tensor(np.asarray(self.train_features), dtype=torch.float32, device=device)
-            return network.concept_scores_from_features(f, edited=False).double().cpu().numpy()
-
-    def save(self, path: str | Path) -> Path:
-        """Write atomically to a safetensors file (no pickle)."""
-        path = Path(path)
-        tensors = {
-            "val.features": torch.as_tensor(self.features, dtype=torch.float16).contiguous(),
-            "val.scores": torch.as_tensor(self.scores, dtype=torch.float32).contiguous(),
-            "val.labels": torch.as_tensor(self.labels, dtype=torch.int64).contiguous(),
-            "train.features": torch.as_tensor(self.train_features, dtype=torch.float16).contiguous(),
-            **{k: v.contiguous() for k, v in self.shift_tensors.items()},
-        }
-        meta = {
-            "format_version": REFERENCE_FORMAT_VERSION,
-            "split": self.split,
-            "concept_ids": self.concept_ids,
-            "class_names": self.class_names,
-            "backbone_fingerprint": self.backbone_fingerprint,
-            "preprocessing_fingerprint": self.preprocessing_fingerprint,
-            "extra": self.extra,
-        }
-        return atomic_write_bytes(path, save_safetensors(tensors, metadata={"medcbm_reference": json.dumps(meta)}))
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SourceReference":
-        path = Path(path)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                raw = (f.metadata() or {}).get("medcbm_reference")
-                if raw is None:
-                    raise BundleLoadError(f"{path}: not a medcbm reference set (no 'medcbm_reference' metadata)")
-                t = {k: f.get_tensor(k) for k in f.keys()}
-        except BundleLoadError:
-            raise
-        except Exception as e:
-            raise BundleLoadError(f"{path}: cannot read the reference set ({type(e).__name__}: {e})") from e
-        meta = json.loads(raw)
-        if meta.get("format_version") != REFERENCE_FORMAT_VERSION:
-            raise BundleLoadError(
-                f"{path}: reference format {meta.get('format_version')!r}, this medcbm reads "
-                f"{REFERENCE_FORMAT_VERSION!r}; re-fit with configs/train.yaml"
-            )
-        return cls(
-            features=t["val.features"].float().numpy(),
-            scores=t["val.scores"].float().numpy(),
-            labels=t["val.labels"].numpy(),
-            train_features=t["train.features"].float().numpy(),
-            split=meta.get("split", ""),
-            concept_ids=list(meta["concept_ids"]),
-            class_names=list(meta["class_names"]),
-            backbone_fingerprint=meta.get("backbone_fingerprint", ""),
-            preprocessing_fingerprint=meta.get("preprocessing_fingerprint", ""),
-            extra=meta.get("extra", {}),
-            shift_tensors={k: v for k, v in t.items() if k.startswith("shift.")},
-        )
-
-    def site_shift_detector(self) -> Any:
-        """The fitted :class:`~medcbm.site_shift.SiteShiftDetector` stored with this set (fitted on the
-        training features when the file predates it), or ``None`` without training features."""
-        from .site_shift import SiteShiftDetector
-
-        if self.shift_tensors:
-            return SiteShiftDetector.from_tensors(self.shift_tensors)
-        if self.train_features is None or len(self.train_features) == 0:
-            return None
-        return SiteShiftDetector().fit(self.train_features)
 
 
 # ---------------------------------------------------------------------------------------------- the bundle
@@ -445,6 +321,36 @@ class LoadedBundle:
             bundle.set_adaptation(adaptation)
         bundle.to(device)
         return bundle
+
+
+def save_bundle_network(
+    models_dir: str | Path,
+    fitted: FittedCBM,
+    backbone: Backbone,
+    preprocessing: Preprocessing,
+    text_embeddings: torch.Tensor | None = None,
+    summary: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``models_dir/cbm.safetensors`` for ``fitted`` on ``backbone`` (whose weights are not copied): the
+    writer of what :func:`_read_fit_state` and :meth:`LoadedBundle.load` read."""
+    net = ConceptBottleneckClassifier.from_head(
+        None, fitted.grounding, fitted.head, fitted.bank.concept_ids, fitted.bank.classes, fitted.neutral
+    )
+    meta = {
+        "backbone_spec": backbone.spec if not backbone.spec.startswith(LOCAL_DIR) else "local-dir",
+        "backbone_pretrained": backbone.pretrained,
+        "backbone_fingerprint": backbone.fingerprint,
+        "concept_text_fingerprint": fitted.bank.text_fingerprint(),
+        "preprocessing": preprocessing.to_dict(),
+        "prior_strength": fitted.head.prior_strength_,
+        "dropped_concepts": fitted.dropped,
+        "grounding_report": [r.to_dict() for r in fitted.report],
+        "val_metrics": fitted.val_metrics,
+    }
+    if summary:
+        meta.update(summary)
+    extra = {"source_class_means": torch.as_tensor(np.asarray(fitted.source_class_means, dtype=np.float32))}
+    return save_cbm_state(Path(models_dir) / CBM_FILE, net, meta, text_embeddings=text_embeddings, extra_tensors=extra)
 
 
 def _read_fit_state(cbm_path: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, Any]]:

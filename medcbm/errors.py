@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "MedcbmUserError",
+    "BundleLoadError",
     "BackboneUnavailableError",
     "OutputDirError",
     "ModelsDirError",
@@ -36,3 +37,7 @@ class ModelsDirError(MedcbmUserError, FileNotFoundError):
 
 class UnknownOptionError(MedcbmUserError):
     """A ``--option`` on the bundle command line that neither MONAI's runner nor the config knows."""
+
+
+class BundleLoadError(MedcbmUserError, ValueError):
+    """A bundle's files are missing, inconsistent or were written by an incompatible version."""

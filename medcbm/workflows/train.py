@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..backbones import LOCAL_DIR, load_backbone
-from ..bundle import REFERENCE_FILE, Preprocessing, SourceReference, write_model_pt
+from ..bundle import REFERENCE_FILE, Preprocessing, SourceReference, save_bundle_network, write_model_pt
 from ..concepts import ConceptBank, load_concept_bank
 from ..data import InputListError, InputRecord, list_inputs
 from ..engine import FeatureExtractor
@@ -29,7 +29,7 @@ from ..features import FeatureCache, default_cache_dir
 from ..fitting import fit_cbm
 from ..io.atomic import atomic_write_json
 from .cli import cli_errors
-from .loading import BACKBONE_DIR, default_backbone_spec, save_bundle_network
+from .loading import BACKBONE_DIR, default_backbone_spec
 from ..options import is_unset
 
 __all__ = ["TrainingRunner", "run_training", "concept_label_matrix", "parse_concept_label"]
