@@ -14,7 +14,8 @@ if str(REPO) not in sys.path:
 
 from medcbm.backbones import load_backbone  # noqa: E402
 from medcbm.concepts import load_concept_bank  # noqa: E402
-from medcbm.features import FeatureCache, default_cache_dir, extract_features  # noqa: E402
+from medcbm.engine import extract_features  # noqa: E402
+from medcbm.features import FeatureCache, default_cache_dir  # noqa: E402
 from medcbm.pretrain import dataset_records, records_to_arrays  # noqa: E402
 from medcbm.bundle import Preprocessing  # noqa: E402
 

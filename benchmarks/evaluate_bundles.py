@@ -64,7 +64,8 @@ def out_of_site_blood(net, backbone_spec: str, probe, bank) -> dict:
     """CBM and probe on ``bccd_wbc_dev`` (another laboratory), without adaptation."""
     from medcbm.backbones import load_backbone
     from medcbm.datasets import bccd_wbc_dev_records
-    from medcbm.features import FeatureCache, default_cache_dir, extract_features
+    from medcbm.engine import extract_features
+    from medcbm.features import FeatureCache, default_cache_dir
     from medcbm.transforms import ClinicalImagePipeline
 
     recs = bccd_wbc_dev_records()

@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -40,6 +40,7 @@ __all__ = [
     "shard_indices",
     "dist_rank_world",
     "content_sha256",
+    "extract_features",
 ]
 
 logger = logging.getLogger(__name__)
@@ -462,3 +463,27 @@ def _shift_detector(bundle: LoadedBundle) -> Any:
     except Exception as e:  # a broken reference must not stop inference
         logger.warning("site-shift alarm disabled: %s", e)
         return None
+
+
+def extract_features(
+    paths: Sequence[str | Path],
+    encoder: Callable[[torch.Tensor], torch.Tensor],
+    load: Callable[[str | Path], torch.Tensor],
+    cache: FeatureCache | None = None,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    progress: bool = False,
+) -> ExtractionResult:
+    """Embed image files, reusing cached features; a bad file becomes an error, not an exception.
+
+    A thin wrapper over :class:`FeatureExtractor` (the one image -> feature loop).
+
+    Args:
+        paths: image files.
+        encoder: images ``(B, 3, H, W)`` -> features ``(B, D)``.
+        load: one path -> preprocessed image tensor ``(3, H, W)`` (raises on unreadable input).
+        cache: optional :class:`FeatureCache`.
+    """
+    extractor = FeatureExtractor(encoder, load, cache, device, batch_size, num_workers, progress, "features")
+    return extractor.extract(list(paths))

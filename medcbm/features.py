@@ -15,7 +15,6 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 
-__all__ = ["FeatureCache", "ExtractionResult", "extract_features", "default_cache_dir"]
+__all__ = ["FeatureCache", "ExtractionResult", "default_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
@@ -98,29 +97,3 @@ class ExtractionResult:
     ok: list[int]  # input indices with a feature
     errors: dict[int, str] = field(default_factory=dict)  # input index -> reason
     content_sha256: dict[int, str] = field(default_factory=dict)
-
-
-def extract_features(
-    paths: Sequence[str | Path],
-    encoder: Callable[[torch.Tensor], torch.Tensor],
-    load: Callable[[str | Path], torch.Tensor],
-    cache: FeatureCache | None = None,
-    batch_size: int = 32,
-    device: str | torch.device = "cpu",
-    num_workers: int = 0,
-    progress: bool = False,
-) -> ExtractionResult:
-    """Embed image files, reusing cached features; a bad file becomes an error, not an exception.
-
-    A thin wrapper over :class:`medcbm.engine.FeatureExtractor` (the one image -> feature loop).
-
-    Args:
-        paths: image files.
-        encoder: images ``(B, 3, H, W)`` -> features ``(B, D)``.
-        load: one path -> preprocessed image tensor ``(3, H, W)`` (raises on unreadable input).
-        cache: optional :class:`FeatureCache`.
-    """
-    from .engine import FeatureExtractor
-
-    extractor = FeatureExtractor(encoder, load, cache, device, batch_size, num_workers, progress, "features")
-    return extractor.extract(list(paths))

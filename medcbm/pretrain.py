@@ -41,30 +41,13 @@ import yaml
 from .augment import SiteShiftAugment, resize_batch
 from .backbones import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, save_local_dir
 from .concepts import ConceptBank, load_concept_bank
+from .datasets import dataset_records
 from .io.atomic import atomic_write_json
 from .metrics import auroc, balanced_accuracy
 
 __all__ = ["pretrain_backbone", "load_recipe", "dataset_records", "records_to_arrays", "load_unit_images"]
 
 logger = logging.getLogger("medcbm.pretrain")
-
-
-def dataset_records(name: str, **kwargs: Any) -> list[dict]:
-    """Records (``image``, ``label``, ``split``, concept columns) of a dataset staged in ``../shared/data``."""
-    from . import datasets
-
-    registry: dict[str, str] = {
-        "pbc_wbcatt": "pbc_wbcatt_records",
-        "nih_cxr14": "nih_cxr14_records",
-        "nih_cxr14_256": "nih_cxr14_256_records",
-        "isic2017": "isic2017_records",
-        "isic2017_test": "isic2017_test_records",
-        "pneumoniamnist": "pneumoniamnist_records",
-    }
-    if name not in registry:
-        raise KeyError(f"unknown dataset {name!r}; known: {sorted(registry)}")
-    fn: Callable[..., list[dict]] = getattr(datasets, registry[name])
-    return fn(**kwargs)
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from medcbm.backbones import load_backbone
-from medcbm.features import FeatureCache, extract_features
+from medcbm.engine import extract_features
+from medcbm.features import FeatureCache
 from medcbm.grounding import ProbeGrounding, TextGrounding, fit_concept_probes, grounding_report
 from medcbm.head import KnowledgePriorHead
 from medcbm.networks import ConceptBottleneckClassifier, read_cbm_state, save_cbm_state

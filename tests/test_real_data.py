@@ -11,7 +11,8 @@ from conftest import REPO
 from medcbm.backbones import load_backbone
 from medcbm.concepts import load_concept_bank
 from medcbm.datasets.paths import shared_data_root
-from medcbm.features import FeatureCache, extract_features
+from medcbm.engine import extract_features
+from medcbm.features import FeatureCache
 from medcbm.fitting import fit_cbm
 from medcbm.grounding import fit_concept_probes, grounding_report
 from medcbm.pretrain import records_to_arrays

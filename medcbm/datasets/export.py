@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..concepts import load_concept_bank
+from . import dataset_records
 
 __all__ = ["write_split_csvs", "DATASET_BUNDLES"]
 
@@ -52,8 +53,6 @@ def write_split_csvs(records: Sequence[dict], concept_ids: Sequence[str], out_di
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..pretrain import dataset_records
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", required=True, choices=sorted(DATASET_BUNDLES))
     parser.add_argument("--out", required=True)
