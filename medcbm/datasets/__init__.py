@@ -5,45 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from .nih_cxr14 import (
-    CXR_CLASSES,
-    CXR_CONCEPT_IDS,
-    FINDING_CONCEPT_RULES,
-    NIH_FINDINGS,
-    finding_concepts,
-    nih_cxr14_overlap_dropped,
-    nih_cxr14_256_records,
-    nih_cxr14_records,
-)
+from . import nih_cxr14, pbc_wbcatt
+from .nih_cxr14 import *  # noqa: F403  (the adapters' public names, listed once in their __all__)
 from .paths import SHARED_DATA_ENV, sha256_file, shared_data_root
-from .pbc_wbcatt import (
-    PBC_CLASSES,
-    WBCATT_ATTRIBUTE_VALUES,
-    WBCATT_CONCEPT_IDS,
-    WBCATT_CONCEPT_RULES,
-    pbc_wbcatt_records,
-    wbcatt_concepts,
-)
+from .pbc_wbcatt import *  # noqa: F403
 
-__all__ = [
-    "SHARED_DATA_ENV",
-    "shared_data_root",
-    "sha256_file",
-    "PBC_CLASSES",
-    "WBCATT_ATTRIBUTE_VALUES",
-    "WBCATT_CONCEPT_RULES",
-    "WBCATT_CONCEPT_IDS",
-    "wbcatt_concepts",
-    "pbc_wbcatt_records",
-    "NIH_FINDINGS",
-    "CXR_CLASSES",
-    "FINDING_CONCEPT_RULES",
-    "CXR_CONCEPT_IDS",
-    "finding_concepts",
-    "nih_cxr14_records",
-    "nih_cxr14_256_records",
-    "nih_cxr14_overlap_dropped",
-]
+__all__ = ["SHARED_DATA_ENV", "shared_data_root", "sha256_file", *pbc_wbcatt.__all__, *nih_cxr14.__all__]
 
 from .dermoscopy_features import isic2017_records  # noqa: E402
 
@@ -59,9 +26,9 @@ from .isic2017_features import EXPERT_FEATURE_CONCEPTS, isic2017_expert_labels, 
 __all__ += ["bccd_wbc_dev_records", "EXPERT_FEATURE_CONCEPTS", "isic2017_expert_labels", "isic2017_test_records"]
 
 _RECORDS = {
-    "pbc_wbcatt": pbc_wbcatt_records,
-    "nih_cxr14": nih_cxr14_records,
-    "nih_cxr14_256": nih_cxr14_256_records,
+    "pbc_wbcatt": pbc_wbcatt.pbc_wbcatt_records,
+    "nih_cxr14": nih_cxr14.nih_cxr14_records,
+    "nih_cxr14_256": nih_cxr14.nih_cxr14_256_records,
     "isic2017": isic2017_records,
     "isic2017_test": isic2017_test_records,
     "pneumoniamnist": pneumoniamnist_records,
