@@ -139,7 +139,7 @@ def test_bad_label_cell_is_one_clear_error(tmp_path):
     bundle = _bundle()
     img = make_sample_inputs("dermoscopy", tmp_path / "imgs")[0]
     (tmp_path / "in.csv").write_text(f"image,concept_{bundle.concept_ids[0]}\n{img},maybe\n")
-    with pytest.raises(InputListError, match="row 2, column concept_.*'maybe' is not 1, 0 or empty"):
+    with pytest.raises(InputListError, match="row 2, column concept_.*: concept label 'maybe' must be 1/0"):
         AuditRunner(BUNDLE, tmp_path / "out", input=tmp_path / "in.csv", bundle=bundle, exit_on_error=False,
                     progress=False).run()
 

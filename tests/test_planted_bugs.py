@@ -28,7 +28,7 @@ from medcbm.concepts import ConceptBank
 from medcbm.data import InputRecord, list_inputs
 from medcbm.metrics import softmax
 from medcbm.workflows.audit import audit_bundle, explain, what_if_values
-from medcbm.workflows.train import concept_label_matrix, parse_concept_label
+from medcbm.concept_labels import concept_labels_from_records, parse_concept_label
 from test_workflows import _fit_toy_bundle
 
 
@@ -241,6 +241,6 @@ def test_train_concept_label_columns_with_yes_no(tmp_path):
     cells = [("yes", "n"), ("y", "no"), ("", "Y"), ("No", "YES")]
     records = [InputRecord(f"{i}.png", tmp_path / f"{i}.png", "reddish", {"red_area": r, "blue_area": b})
                for i, (r, b) in enumerate(cells)]  # fmt: skip
-    L = concept_label_matrix(records, bank, "train.csv")
+    L, _ = concept_labels_from_records(records, bank.concept_ids, "train.csv")
     assert L is not None
     np.testing.assert_array_equal(L, np.array([[1, 0], [1, 0], [np.nan, 1], [0, 1]], dtype=np.float32))

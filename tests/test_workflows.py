@@ -176,7 +176,7 @@ def test_refit_rejects_unknown_labels_and_bad_concept_values(toy_site):
         w = csv.writer(f)
         w.writerow(["image", "label", "red_area"])
         w.writerow(["reddish_0.png", "reddish", "maybe"])
-    with pytest.raises(ValueError, match="row 2 column red_area: concept label 'maybe'"):
+    with pytest.raises(ValueError, match="row 2, column red_area: concept label 'maybe'"):
         TrainingRunner(
             bank, tmp / "imgs" / "train.csv", tmp / "imgs" / "val.csv", tmp / "x", models, exit_on_error=False
         ).run()

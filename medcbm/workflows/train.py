@@ -22,8 +22,9 @@ import torch
 
 from ..backbones import LOCAL_DIR, load_backbone
 from ..bundle import REFERENCE_FILE, Preprocessing, SourceReference, save_bundle_network, write_model_pt
+from ..concept_labels import concept_labels_from_records
 from ..concepts import ConceptBank, load_concept_bank
-from ..data import InputListError, InputRecord, list_inputs
+from ..data import InputListError, list_inputs
 from ..engine import FeatureExtractor
 from ..features import FeatureCache, default_cache_dir
 from ..fitting import fit_cbm
@@ -32,42 +33,12 @@ from .cli import cli_errors
 from .loading import BACKBONE_DIR, default_backbone_spec
 from ..options import is_unset
 
-__all__ = ["TrainingRunner", "run_training", "concept_label_matrix", "parse_concept_label"]
+__all__ = ["TrainingRunner", "run_training"]
 
 #: training features kept in the reference set for the site-shift alarm (a deterministic sample)
 MAX_REFERENCE_TRAIN = 2000
 
 logger = logging.getLogger(__name__)
-_TRUE = {"1", "1.0", "yes", "true", "present", "y"}
-_FALSE = {"0", "0.0", "no", "false", "absent", "n"}
-
-
-def parse_concept_label(value: Any, where: str) -> float:
-    """0/1, yes/no, true/false (any case) -> 1.0 / 0.0; empty -> NaN; anything else is an error naming ``where``."""
-    text = "" if value is None else str(value).strip().lower()
-    if text in ("", "nan", "na", "unknown"):
-        return float("nan")
-    if text in _TRUE:
-        return 1.0
-    if text in _FALSE:
-        return 0.0
-    raise ValueError(f"{where}: concept label {value!r} must be 0/1, yes/no or empty")
-
-
-def concept_label_matrix(records: Sequence[InputRecord], bank: ConceptBank, source: str) -> np.ndarray | None:
-    """``(N, K)`` labels from CSV columns named by concept id; ``None`` when the CSV has none."""
-    columns = {k.strip().lower(): k for r in records[:1] for k in r.extra}
-    present = [cid for cid in bank.concept_ids if cid in columns]
-    if not present:
-        return None
-    out = np.full((len(records), bank.num_concepts), np.nan, dtype=np.float32)
-    for i, rec in enumerate(records):
-        for k, cid in enumerate(bank.concept_ids):
-            if cid in columns:
-                out[i, k] = parse_concept_label(rec.extra.get(columns[cid]), f"{source} row {i + 2} column {cid}")
-    return out
-
-
 class TrainingRunner:
     """Fit grounding and head from ``train`` / ``val`` CSVs into ``output_dir``.
 
@@ -168,7 +139,7 @@ class TrainingRunner:
                 labels.append(bank.class_index(r.label))
             except KeyError as e:
                 raise ValueError(f"{csv_path} row {i + 2}: {e.args[0]}") from None
-        concepts = concept_label_matrix(records, bank, str(csv_path))
+        concepts, _ = concept_labels_from_records(records, bank.concept_ids, str(csv_path))
         res = extractor.extract(records)
         errors = {records[i].image: msg for i, msg in res.errors.items()}
         for msg in errors.values():
