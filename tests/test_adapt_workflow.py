@@ -104,6 +104,8 @@ def site(tmp_path_factory):
     save_local_dir(open_clip.create_model("medcbm-test-adapt-vit", pretrained=None), VIT_CFG, w / "base" / "backbone")
     root = w / "toy_cbm"
     (root / "configs").mkdir(parents=True)
+    (w / "derm_cbm" / "configs").mkdir(parents=True)  # a sibling bundle: a support CSV made for it is recognised
+    shutil.copy(REPO / "bundles" / "derm_cbm" / "configs" / "metadata.json", w / "derm_cbm" / "configs")
     bank = {
         "classes": ["reddish", "bluish"],
         "concepts": [_concept("red_area", "a red area"), _concept("blue_area", "a blue area"),

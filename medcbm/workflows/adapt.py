@@ -21,14 +21,10 @@ leave-one-out table and the site-shift flags of the support images.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
-from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,16 +32,15 @@ import torch
 from ..adaptation import AdaptationSpec, ConceptEditSearch
 from ..site_shift import concept_shift_report
 from ..adaptation.site import SiteFit, fit_site_adaptation
+from ..adaptation.support import SupportSet, SupportSetError, _listing, read_support_set
 from ..bundle import REFERENCE_FILE, LoadedBundle
-from ..data import InputRecord, list_inputs
 from ..engine import PredictionEngine
 from ..errors import MedcbmUserError
 from ..io.atomic import atomic_write_json
-from ..io.errors import FileReasonError
 from .cli import check_output_dir, cli_errors
 from .job import BundleJob
 from .site_sample import MIN_SITE_IMAGES, SiteSample, encode_site_sample, read_site_sample
-from ..options import is_unset, optional
+from ..options import optional
 
 __all__ = [
     "AdaptationRunner",
@@ -53,7 +48,6 @@ __all__ = [
     "SupportSetError",
     "NoReferenceSetError",
     "read_support_set",
-    "KNOWN_BUNDLE_CLASSES",
     "ADAPTATION_FILE",
     "REPORT_FILE",
 ]
@@ -63,170 +57,8 @@ logger = logging.getLogger(__name__)
 ADAPTATION_FILE = "adaptation.json"
 REPORT_FILE = "adaptation_report.json"
 
-#: The shipped bundles' classes (CONTRACT.md), to recognise a support CSV meant for another bundle even
-#: when that bundle is not installed next to this one.
-KNOWN_BUNDLE_CLASSES: dict[str, tuple[str, ...]] = {
-    "blood_cbm": ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"),
-    "cxr_cbm": ("normal", "abnormal"),
-    "derm_cbm": ("nevus", "melanoma", "seborrheic_keratosis"),
-}
-_LIST_MAX = 5  # items named in one error line before "... and N more"
-
-
-class SupportSetError(MedcbmUserError, ValueError):
-    """The support set cannot be used; the message names the CSV and the reason."""
-
-
 class NoReferenceSetError(MedcbmUserError, FileNotFoundError):
     """The bundle carries no source reference set, so the source guard cannot check an edit."""
-
-
-def _norm(label: str) -> str:
-    return " ".join(label.strip().lower().replace("_", " ").split())
-
-
-def _listing(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_LIST_MAX])
-    return shown + (f" ... and {len(items) - _LIST_MAX} more" if len(items) > _LIST_MAX else "")
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _sibling_bundle_classes(bundle_root: Path) -> dict[str, tuple[str, ...]]:
-    """Classes of the bundles installed next to this one (from their ``metadata.json``), then the shipped ones."""
-    out: dict[str, tuple[str, ...]] = {}
-    try:
-        siblings = sorted(p for p in bundle_root.resolve().parent.iterdir() if p.is_dir())
-    except OSError:
-        siblings = []
-    for folder in siblings:
-        meta = folder / "configs" / "metadata.json"
-        try:
-            data = json.loads(meta.read_text())
-            chans = data["network_data_format"]["outputs"]["pred"]["channel_def"]
-            out[folder.name] = tuple(str(chans[k]) for k in sorted(chans, key=int))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            continue
-    for name, classes in KNOWN_BUNDLE_CLASSES.items():
-        out.setdefault(name, classes)
-    return out
-
-
-def _other_bundle(labels: set[str], own_name: str, own_classes: Sequence[str], bundle_root: Path) -> str | None:
-    """The bundle whose classes include every (normalised) label, when it is not this one."""
-    own = {_norm(c) for c in own_classes}
-    for name, classes in _sibling_bundle_classes(bundle_root).items():
-        theirs = {_norm(c) for c in classes}
-        if name != own_name and theirs != own and labels <= theirs:
-            return name
-    return None
-
-
-@dataclass
-class SupportSet:
-    """The labelled support images, checked against the bundle.
-
-    Attributes:
-        csv: the support CSV as given.
-        records: one :class:`~medcbm.data.InputRecord` per row, in CSV order.
-        labels: ``(n,)`` class indices in the bundle's class order.
-        k_per_class: class name -> number of support images (0 for a missing class).
-        missing_classes: bundle classes without a support image.
-        csv_sha256: sha256 of the CSV file's bytes.
-    """
-
-    csv: str
-    records: list[InputRecord]
-    labels: np.ndarray
-    k_per_class: dict[str, int]
-    missing_classes: list[str]
-    csv_sha256: str
-    warnings: list[str] = field(default_factory=list)
-
-
-def read_support_set(
-    support: str | Path | None,
-    class_names: Sequence[str],
-    bundle_name: str = "this bundle",
-    bundle_root: str | Path = ".",
-) -> SupportSet:
-    """List and check a support CSV (columns ``image``, ``label``) before any image is read.
-
-    Args:
-        support: the CSV path.
-        class_names: the bundle's classes (labels are matched case-insensitively; ``_`` equals a space).
-        bundle_name, bundle_root: for the messages, and to recognise a CSV made for a sibling bundle.
-
-    Raises:
-        SupportSetError: no CSV given, not a CSV, no rows (k = 0), no ``label`` column or an empty label,
-            labels that are not the bundle's classes (saying which other bundle they belong to, if any),
-            or the same image file on two rows. The message names the CSV and the reason.
-    """
-    if is_unset(support):
-        raise SupportSetError(
-            "no support set or site sample given: pass --support SUPPORT.csv (columns image,label: a few labelled "
-            "images per class) and/or --site_images FOLDER_OR_CSV (unlabelled images of the site, 30 or more)"
-        )
-    given = str(support)
-    path = Path(given).expanduser()
-    if path.is_dir() or path.suffix.lower() != ".csv":
-        raise SupportSetError(
-            f"{given}: the support set must be a CSV file with columns image,label (a folder or image has no labels)"
-        )
-    try:
-        records = list_inputs(path)
-    except FileReasonError as e:
-        if "no rows" in e.reason or "is empty" in e.reason:
-            raise SupportSetError(
-                f"{given}: the support set has no rows (k = 0); list at least one labelled image per class"
-            ) from None
-        raise SupportSetError(f"{given}: {e.reason}") from None
-    unlabelled = [r.image for r in records if not r.label]
-    if len(unlabelled) == len(records):
-        raise SupportSetError(
-            f"{given}: no labels; the support CSV needs a 'label' column with one of {list(class_names)}"
-        )
-    if unlabelled:
-        raise SupportSetError(f"{given}: {len(unlabelled)} rows have no label: {_listing(unlabelled)}")
-
-    index = {_norm(c): i for i, c in enumerate(class_names)}
-    unknown = sorted({r.label for r in records if _norm(r.label or "") not in index})
-    if unknown:
-        other = _other_bundle({_norm(u) for u in unknown}, bundle_name, class_names, Path(bundle_root))
-        if other is not None and len(unknown) == len({r.label for r in records}):
-            raise SupportSetError(
-                f"{given}: this looks like a support set for {other} (its labels {_listing(unknown)} are {other}'s "
-                f"classes), not for {bundle_name}, whose classes are {list(class_names)}"
-            )
-        raise SupportSetError(
-            f"{given}: labels not among {bundle_name}'s classes: {_listing(unknown)} "
-            f"(expected one of {list(class_names)}, matched case-insensitively)"
-        )
-
-    seen: dict[str, str] = {}
-    dupes = []
-    for r in records:
-        key = str(r.path)
-        if key in seen:
-            dupes.append(f"{r.image} (same file as {seen[key]})" if seen[key] != r.image else r.image)
-        else:
-            seen[key] = r.image
-    if dupes:
-        raise SupportSetError(
-            f"{given}: the same image is listed more than once: {_listing(dupes)}; each support image must appear once"
-        )
-
-    labels = np.array([index[_norm(r.label or "")] for r in records], dtype=np.int64)
-    counts = Counter(labels.tolist())
-    k_per_class = {c: int(counts.get(i, 0)) for i, c in enumerate(class_names)}
-    missing = [c for c, n in k_per_class.items() if n == 0]
-    return SupportSet(given, records, labels, k_per_class, missing, _sha256_file(path))
 
 
 class AdaptationRunner(BundleJob):
