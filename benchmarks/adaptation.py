@@ -240,12 +240,8 @@ def adabn_scores(bundle: LoadedBundle, site: list[str], scored: list[list[str]],
 
 
 def _head(bundle: LoadedBundle) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
-    net = bundle.network
-    W = net.head.weight.detach().double().numpy()
-    b = net.head.bias.detach().double().numpy()
-    neutral = net.neutral.detach().double().numpy()
-    mus = getattr(net, "source_class_means", None)
-    return W, b, neutral, (mus.detach().double().numpy() if isinstance(mus, torch.Tensor) else None)
+    head = bundle.head_arrays()
+    return head.weight, head.bias, head.neutral, bundle.source_class_means
 
 
 def draw_support(y: np.ndarray, k: int, seed: int, n_classes: int) -> np.ndarray:

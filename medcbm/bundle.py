@@ -36,12 +36,13 @@ from .errors import BundleLoadError
 from .io.atomic import atomic_write_bytes
 from .grounding import ConceptGrounding, TextGrounding
 from .head import KnowledgePriorHead
-from .networks import CBM_FORMAT_VERSION, ConceptBottleneckClassifier, read_cbm_state, save_cbm_state
+from .networks import CBM_FORMAT_VERSION, ConceptBottleneckClassifier, HeadArrays, read_cbm_state, save_cbm_state
 from .transforms import CHANNEL_MODES, ClinicalImagePipeline
 from .options import is_unset
 from .reference_set import REFERENCE_FILE, SourceReference
 
-if TYPE_CHECKING:  # fitting imports the grounding / head modules; the writer only needs the type
+if TYPE_CHECKING:  # types only: fitting and adaptation import this module's neighbours
+    from .adaptation.spec import AdaptationSpec
     from .fitting import FittedCBM
 
 __all__ = [
@@ -175,8 +176,13 @@ class LoadedBundle:
     bank: ConceptBank
     reference: SourceReference | None = None
     info: dict[str, Any] = field(default_factory=dict)
-    adaptation: Any = None  # medcbm.adaptation.AdaptationSpec when an edit is applied
+    adaptation: AdaptationSpec | None = None  # the applied adaptation, if any
     fit_meta: dict[str, Any] = field(default_factory=dict)
+    source_class_means: np.ndarray | None = None  # (C, K) mean source score per class, from the fit
+
+    def head_arrays(self) -> HeadArrays:
+        """The network's head, edit and offset as numpy arrays (:class:`~medcbm.networks.HeadArrays`)."""
+        return self.network.head_arrays()
 
     # -------------------------------------------------------------- views
     @property
@@ -316,6 +322,7 @@ class LoadedBundle:
             reference=reference,
             info=info,
             fit_meta=fit_meta,
+            source_class_means=_source_class_means(tensors) if fitted else None,
         )
         if not is_unset(adaptation):
             bundle.set_adaptation(adaptation)
@@ -449,6 +456,12 @@ def _read_adaptation(path: Path, concept_ids: Sequence[str]) -> Any:
         raise BundleLoadError(str(e)) from None
 
 
+def _source_class_means(tensors: dict[str, torch.Tensor]) -> np.ndarray | None:
+    """The fit's ``(C, K)`` per-class source means (the edit search's reference levels), when stored."""
+    means = tensors.get("extra.source_class_means")
+    return None if means is None else means.double().numpy()
+
+
 def _zero_shot_network(bk: Backbone, bank: ConceptBank) -> ConceptBottleneckClassifier:
     grounding = TextGrounding(bk.encode_texts(bank.texts))
     head = KnowledgePriorHead.from_prior(bank.prior, scale=1.0)
@@ -481,8 +494,6 @@ def _network_from_state(
         bank.classes,
         tensors.get("neutral"),
     )
-    if "extra.source_class_means" in tensors:
-        net.register_buffer("source_class_means", tensors["extra.source_class_means"].float())
     return net, sub
 
 

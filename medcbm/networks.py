@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +30,8 @@ __all__ = [
     "read_cbm_state",
     "calibrate_scores",
     "CBM_FORMAT_VERSION",
+    "HeadArrays",
+    "edited_scores",
 ]
 
 logger = logging.getLogger(__name__)
@@ -159,6 +162,17 @@ class ConceptBottleneckClassifier(torch.nn.Module):
     def contributions(self, image: torch.Tensor) -> torch.Tensor:
         return self.contributions_from_scores(self.concept_scores(image))
 
+    def head_arrays(self) -> "HeadArrays":
+        """The head, current edit and label-shift offset as float64 numpy arrays (see :class:`HeadArrays`)."""
+
+        def f64(x: torch.Tensor) -> np.ndarray:
+            return x.detach().double().cpu().numpy()
+
+        return HeadArrays(
+            f64(self.head.weight), f64(self.head.bias), f64(self.neutral), f64(self.class_offset),
+            self.edit_mask.detach().cpu().numpy().astype(bool), f64(self.edit_gain),
+        )  # fmt: skip
+
     # ------------------------------------------------------------------ test-time edit
     def set_edit(
         self,
@@ -284,3 +298,52 @@ def read_cbm_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str,
             raise ValueError(f"{path}: not a medcbm concept bottleneck file (no 'medcbm' metadata)")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return tensors, json.loads(raw_meta)
+
+
+@dataclass(frozen=True)
+class HeadArrays:
+    """The network's head in numpy (float64): the one array view of its arithmetic that the edit search, the
+    audit, the adaptation runner and the benchmarks compute with. It mirrors the network's torch methods exactly
+    (``tests/test_model_core.py`` checks that they agree).
+
+    Attributes:
+        weight: ``(C, K)``; bias: ``(C,)``; neutral: ``(K,)`` the concepts' neutral (source mean) values;
+        offset: ``(C,)`` the label-shift offset of an adaptation (zeros without one);
+        mask, gain: ``(K,)`` the test-time edit (no concept masked, gains 1 without one).
+    """
+
+    weight: np.ndarray
+    bias: np.ndarray
+    neutral: np.ndarray
+    offset: np.ndarray
+    mask: np.ndarray
+    gain: np.ndarray
+
+    def edit(self, scores: np.ndarray) -> np.ndarray:
+        """The edit on ``(N, K)`` scores: masked concepts take their neutral value, the others are scaled (a site
+        calibration, when one is set, comes before it: :meth:`medcbm.adaptation.SiteFit.calibrate`)."""
+        return edited_scores(np.asarray(scores, dtype=np.float64), self.mask, self.gain, self.neutral)
+
+    def logits(self, scores: np.ndarray) -> np.ndarray:
+        """``(N, C)`` logits of (already edited) scores: the head plus the offset."""
+        return np.asarray(scores, dtype=np.float64) @ self.weight.T + self.bias + self.offset
+
+    def probabilities(self, scores: np.ndarray) -> np.ndarray:
+        """``(N, C)`` softmax of :meth:`logits`."""
+        from .metrics import softmax
+
+        return softmax(self.logits(scores), axis=1)
+
+    def contributions(self, scores: np.ndarray) -> np.ndarray:
+        """``(N, C, K)``: ``W[c, k] * (a_k - neutral_k)``; summed over ``k`` plus :meth:`contribution_bias` they are
+        the logits."""
+        return (np.asarray(scores, dtype=np.float64) - self.neutral)[:, None, :] * self.weight[None]
+
+    def contribution_bias(self) -> np.ndarray:
+        """``(C,)``: the logit of an image whose every concept sits at its neutral value."""
+        return self.bias + self.weight @ self.neutral + self.offset
+
+
+def edited_scores(scores: np.ndarray, mask: np.ndarray, gain: np.ndarray, neutral: np.ndarray) -> np.ndarray:
+    """The network's edit on numpy scores: masked concepts take ``neutral``, others are multiplied by ``gain``."""
+    return np.where(mask[None, :], neutral[None, :], scores * gain[None, :])

@@ -116,6 +116,26 @@ def test_edit_is_identity_by_default_and_masks_and_gains():
     torch.testing.assert_close(net.concept_scores_from_features(f), raw)
 
 
+def test_head_arrays_compute_what_the_network_computes():
+    """The numpy view (edit search, audit, benchmarks) and the torch network agree: edit, logits with a label-shift
+    offset, probabilities, contributions and their bias."""
+    net = _network().double()
+    f = torch.nn.functional.normalize(torch.randn(6, 16, dtype=torch.float64), dim=-1)
+    net.neutral.fill_(0.25)
+    net.set_edit(mask=["k1"], gain={"k2": 2.0})
+    net.set_site_calibration(class_offset=np.array([0.7, -0.3]))
+    net.double()
+    raw = net.concept_scores_from_features(f, edited=False)
+    h = net.head_arrays()
+    S = h.edit(raw.detach().numpy())
+    np.testing.assert_allclose(S, net.apply_edit(raw).detach().numpy(), atol=1e-12)
+    np.testing.assert_allclose(h.logits(S), net.logits_from_scores(torch.as_tensor(S)).detach().numpy(), atol=1e-10)
+    np.testing.assert_allclose(h.probabilities(S).sum(1), 1.0)
+    C = h.contributions(S)
+    np.testing.assert_allclose(C, net.contributions_from_scores(torch.as_tensor(S)).detach().numpy(), atol=1e-12)
+    np.testing.assert_allclose(C.sum(2) + h.contribution_bias(), h.logits(S), atol=1e-10)
+
+
 def test_verify_net_in_out_accepts_network(tiny_backbone_spec):
     from monai.bundle import verify_net_in_out  # noqa: F401  (the bundle check relies on this API)
 

@@ -43,6 +43,7 @@ from typing import Sequence
 import numpy as np
 
 from ..metrics import balanced_accuracy
+from ..networks import edited_scores
 from .edit_inputs import _as_2d, _fit_inputs, _source_spread
 from .source_guard import allowed_losses, guard_set
 from .spec import AdaptationSpec
@@ -65,11 +66,6 @@ class ConceptEdit:
     margin_gain: float
     target_class: int  # mask: the class most pushed toward; gain: the class it serves
     reduced_from: float | None = None  # a gain the source guard cut down from this value
-
-
-def edited_scores(scores: np.ndarray, mask: np.ndarray, gain: np.ndarray, neutral: np.ndarray) -> np.ndarray:
-    """The network's edit on numpy scores: masked concepts take ``neutral``, others are multiplied by ``gain``."""
-    return np.where(mask[None, :], neutral[None, :], scores * gain[None, :])
 
 
 def _improves(obj: np.ndarray, current: np.ndarray) -> bool:

@@ -85,7 +85,7 @@ def audit_bundle(
     ok = sorted(arrays)
     audit, meta = _audit_header(bundle, len(records), len(ok), wi_rule)
     if not ok:
-        W = _f64(bundle.network.head.weight)
+        W = bundle.head_arrays().weight
         audit.update(prior_agreement=M.prior_agreement(W, bundle.prior, bundle.class_names, ids))
         return entries, audit, [], meta
     _model_metrics(bundle, records, entries, arrays, ok, labels, unused, audit, meta)
@@ -98,10 +98,6 @@ def audit_bundle(
 
 
 # ---------------------------------------------------------------------------------------------- per image
-def _f64(t: torch.Tensor) -> np.ndarray:
-    return t.detach().cpu().numpy().astype(np.float64)
-
-
 def _explain_records(
     bundle: LoadedBundle,
     records: Sequence[InputRecord],
@@ -114,8 +110,8 @@ def _explain_records(
 ) -> tuple[list[dict[str, Any]], Arrays]:
     """One entry per record in input order (``error`` entries for unreadable ones), and the arrays of the readable
     ones that the model-level metrics need."""
-    net = bundle.network
-    W, neutral = _f64(net.head.weight), _f64(net.neutral)
+    head = bundle.head_arrays()
+    W, neutral = head.weight, head.neutral
     ids, classes = bundle.concept_ids, bundle.class_names
     entries: list[dict[str, Any] | None] = [None] * len(records)
     arrays: Arrays = {}
@@ -192,9 +188,9 @@ def _model_metrics(
     meta: dict[str, Any],
 ) -> None:
     """The model-level metrics over the readable images, added to ``audit`` (and ``meta``) in the file's order."""
-    net = bundle.network
+    head = bundle.head_arrays()
     ids, classes = bundle.concept_ids, bundle.class_names
-    W, neutral = _f64(net.head.weight), _f64(net.neutral)
+    W, neutral = head.weight, head.neutral
     S = np.stack([arrays[i]["scores"] for i in ok]).astype(np.float64)
     R = np.stack([arrays[i]["raw"] for i in ok]).astype(np.float64)
     CT = np.stack([arrays[i]["contrib"] for i in ok]).astype(np.float64)
@@ -223,8 +219,7 @@ def _model_metrics(
         audit["concept_auroc"] = None
         audit["concept_existence"] = None
     audit["concept_location"] = None  # set by _location_results when the input has boxes
-    bias = (net.head.bias + net.class_offset).detach().cpu().numpy()  # with a site's label-shift offset
-    audit["deletion"] = M.deletion(S, W, bias, neutral)
+    audit["deletion"] = M.deletion(S, W, head.bias + head.offset, neutral)  # with a site's label-shift offset
 
 
 # ---------------------------------------------------------------------------------------------- concept maps
@@ -291,7 +286,7 @@ def _cards_and_maps(
 ) -> tuple[list[ImageCard], list[LocationItem]]:
     """The report's cards (with maps) and the location items of the images with boxes, in input order."""
     ids = bundle.concept_ids
-    neutral = _f64(bundle.network.neutral)
+    neutral = bundle.head_arrays().neutral
     pipeline = bundle.preprocessing.pipeline()
     cards: list[ImageCard] = []
     loc_items: list[LocationItem] = []

@@ -194,13 +194,13 @@ class AdaptationRunner(BundleJob):
         """Encode and check the site sample, then fit calibration and label shift; also returns its raw scores."""
         encode_site_sample(site, self._engine(bundle, "site sample", cache=False), self.site_alarm_ratio)
         scores = self._raw_scores(bundle, site.features)
-        ref, net = bundle.reference, bundle.network
+        ref, net, head = bundle.reference, bundle.network, bundle.head_arrays()
         fit = fit_site_adaptation(
             scores,
             ref.scores,
             ref.labels,
-            net.head.weight.detach().double().cpu().numpy(),
-            net.head.bias.detach().double().cpu().numpy(),
+            head.weight,
+            head.bias,
             ref.unlabelled_scores(net),
             bundle.class_names,
             bundle.concept_ids,
@@ -211,14 +211,12 @@ class AdaptationRunner(BundleJob):
 
     def _search(self, bundle: LoadedBundle, scores: np.ndarray, labels: np.ndarray, site: SiteFit | None):
         """The labelled edit search on (calibrated) support scores, guarded on the (calibrated) reference set."""
-        net, ref = bundle.network, bundle.reference
-        unlabelled = ref.unlabelled_scores(net)
-        b = net.head.bias.detach().double().cpu().numpy()
+        ref, head = bundle.reference, bundle.head_arrays()
+        unlabelled = ref.unlabelled_scores(bundle.network)
+        b = head.bias
         if site is not None:  # the edit is searched on top of the site calibration and offset, as it will run
             scores, unlabelled = site.calibrate(scores), site.calibrate(unlabelled)
             b = b + site.offset
-        mus = getattr(net, "source_class_means", None)
-        mus = mus.detach().double().cpu().numpy() if isinstance(mus, torch.Tensor) else None
         search = ConceptEditSearch(
             gamma_max=self.gamma_max,
             guard_tolerance=self.guard_tolerance,
@@ -229,12 +227,12 @@ class AdaptationRunner(BundleJob):
         return search.fit(
             scores,
             labels,
-            net.head.weight.detach().double().cpu().numpy(),
+            head.weight,
             b,
-            net.neutral.detach().double().cpu().numpy(),
+            head.neutral,
             ref_scores,
             ref.labels,
-            mus,
+            bundle.source_class_means,
             unlabelled_reference_scores=unlabelled,
         )
 
