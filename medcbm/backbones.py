@@ -37,6 +37,7 @@ from safetensors.torch import save_file
 
 from .io.atomic import atomic_write_json
 from .errors import BackboneUnavailableError
+from .io.files import file_sha256
 
 open_clip, _has_open_clip = optional_import("open_clip")
 
@@ -216,18 +217,6 @@ def _hub_offline(enabled: bool) -> Iterator[None]:
         yield
     finally:
         constants.HF_HUB_OFFLINE = before
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """sha256 hex digest of a file's content, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
 
 
 def backbone_fingerprint(spec: str, pretrained: str | None = None) -> str:

@@ -19,7 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as save_safetensors
+
+from .io.atomic import atomic_write_bytes
 
 
 __all__ = ["FeatureCache", "ExtractionResult", "default_cache_dir"]
@@ -78,15 +80,13 @@ class FeatureCache:
 
     def put(self, content_sha256: str, feature: torch.Tensor) -> None:
         path = self._path(content_sha256)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         meta = {
             "backbone": self.backbone_fingerprint,
             "preprocessing": self.preprocessing_fingerprint,
             "content": content_sha256,
         }
-        save_file({"feature": feature.detach().float().cpu().contiguous()}, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        data = save_safetensors({"feature": feature.detach().float().cpu().contiguous()}, metadata=meta)
+        atomic_write_bytes(path, data, durable=False)  # a cache entry: rebuilt if a power cut loses it
 
 
 @dataclass

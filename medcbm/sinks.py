@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 from .errors import MedcbmUserError
+from .io.atomic import atomic_open
 
 __all__ = ["OutputLock", "OutputBusyError", "RowJournal", "write_csv_atomic", "iter_ordered", "STATE_DIR"]
 
@@ -124,11 +125,9 @@ class RowJournal:
             for p in self.files():
                 if p != self.path:
                     p.unlink(missing_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            with open(tmp, "w", encoding="utf-8") as f:
+            with atomic_open(self.path, "w") as f:
                 for entry in kept.values():
                     f.write(json.dumps(entry, separators=(",", ":")) + "\n")
-            os.replace(tmp, self.path)
         self._f = open(self.path, "a", encoding="utf-8")
         return self
 
@@ -150,23 +149,14 @@ class RowJournal:
 
 
 def write_csv_atomic(path: str | Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> int:
-    """Stream ``rows`` into ``path`` through a temporary file and ``os.replace``; returns the row count."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Stream ``rows`` into ``path`` through :func:`medcbm.io.atomic.atomic_open`; returns the row count."""
     n = 0
-    try:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: r.get(k, "") for k in columns})
-                n += 1
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in columns})
+            n += 1
     return n
 
 

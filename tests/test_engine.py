@@ -382,6 +382,7 @@ def test_each_image_file_is_read_once_and_the_cache_key_hashes_the_decoded_bytes
     records = list_inputs(tmp_path)
     res = ex.extract(records)
     assert not res.errors and len(res.ok) == 3
-    assert sorted(opened) == ["a.png", "b.dcm", "c.nii.gz"]
+    images = {"a.png", "b.dcm", "c.nii.gz"}
+    assert sorted(n for n in opened if n in images) == sorted(images)
     for i, r in enumerate(records):
         assert res.content_sha256[i] == hashlib.sha256((tmp_path / r.image).read_bytes()).hexdigest()

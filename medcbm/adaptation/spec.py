@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import MISSING, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from ..io.atomic import atomic_write_text
 
 __all__ = ["AdaptationSpec", "AdaptationSpecError", "SPEC_FORMAT_VERSION"]
 
@@ -211,21 +212,11 @@ class AdaptationSpec:
         return cls.from_dict(data, concept_ids, str(path))
 
     def write(self, path: str | os.PathLike[str]) -> Path:
-        """Write atomically (temporary file in the same folder, then ``os.replace``), JSON with indent 4."""
+        """Write atomically (:func:`medcbm.io.atomic.atomic_write_text`), JSON with indent 4."""
         self.validate()
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps(self.to_dict(), indent=4, allow_nan=False) + "\n"
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, text)
         return path
 
     # ------------------------------------------------------------------ use

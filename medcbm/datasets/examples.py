@@ -12,15 +12,16 @@ copied byte for byte (their sha256 is the one in the dataset's ``labels.csv``) a
 from __future__ import annotations
 
 import argparse
+import hashlib
 import csv
 import io
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .paths import read_labels_csv, resolve_dataset_dir, sha256_file
+from ..io.atomic import atomic_write_bytes, atomic_write_text
+from .paths import read_labels_csv, resolve_dataset_dir
 
 __all__ = ["ExampleSource", "EXAMPLE_SOURCES", "PER_CLASS", "select_examples", "write_examples"]
 
@@ -175,20 +176,16 @@ def write_examples(
     out = Path(out_dir) if out_dir is not None else _REPO / "bundles" / bundle / "examples"
     out.mkdir(parents=True, exist_ok=True)
     for r in rows:
-        tmp = out / f".{r['image']}.tmp"
-        shutil.copyfile(r["source"], tmp)
-        if sha256_file(tmp) != r["sha256"]:
-            tmp.unlink()
+        data = Path(r["source"]).read_bytes()
+        if hashlib.sha256(data).hexdigest() != r["sha256"]:
             raise ValueError(f"{r['source']}: sha256 differs from the dataset's labels.csv; not copied")
-        os.replace(tmp, out / r["image"])
+        atomic_write_bytes(out / r["image"], data)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=["image", "label", "sha256"], extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     for name, text in (("examples.csv", buf.getvalue()), ("LICENSE", _licence_note(bundle, rows))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, out / name)
+        atomic_write_text(out / name, text)
     return out / "examples.csv"
 
 

@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 from pathlib import Path
+
+from ..io.files import file_sha256
 
 __all__ = [
     "SHARED_DATA_ENV",
@@ -76,13 +77,7 @@ def read_labels_csv(folder: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk_size), b""):
-            h.update(block)
-    return h.hexdigest()
+sha256_file = file_sha256  # the data sets' name for the package's one file hash (medcbm.io.files)
 
 
 def check_file(path: Path, expected_sha256: str, verify_hash: bool) -> None:

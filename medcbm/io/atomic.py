@@ -52,7 +52,11 @@ def _fsync_dir(folder: Path) -> None:
 
 @contextmanager
 def atomic_open(
-    path: str | os.PathLike[str], mode: str = "w", encoding: str | None = "utf-8", newline: str | None = None
+    path: str | os.PathLike[str],
+    mode: str = "w",
+    encoding: str | None = "utf-8",
+    newline: str | None = None,
+    durable: bool = True,
 ) -> Iterator[IO[Any]]:
     """Open a temporary file next to ``path`` for streaming; it replaces ``path`` when the block ends.
 
@@ -63,6 +67,8 @@ def atomic_open(
         mode: ``"w"`` (text) or ``"wb"`` (binary).
         encoding: text encoding (ignored for ``"wb"``).
         newline: as for :func:`open` (``""`` for the ``csv`` module).
+        durable: flush the file and its folder to disk (``False`` for rebuildable files such as cache entries:
+            the replace is still atomic, only a power cut may lose the new file).
 
     .. code-block:: python
 
@@ -82,7 +88,8 @@ def atomic_open(
         with fh:
             yield fh
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         if target.exists():  # keep the permissions of the file being replaced
             try:
                 os.chmod(tmp, target.stat().st_mode & 0o7777)
@@ -97,15 +104,17 @@ def atomic_open(
         except OSError:
             pass
         raise
-    _fsync_dir(target.parent)
+    if durable:
+        _fsync_dir(target.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, durable: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically (parent folders are created).
 
     Args:
         path: the target file.
         data: the complete new content.
+        durable: see :func:`atomic_open`.
 
     Returns:
         ``Path(path)``.
@@ -113,7 +122,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     Raises:
         OSError: the folder is not writable, the disk is full, ... (the target is then unchanged).
     """
-    with atomic_open(path, "wb") as fh:
+    with atomic_open(path, "wb", durable=durable) as fh:
         fh.write(data)
     return Path(path)
 

@@ -33,6 +33,8 @@ __all__ = [
     "open_regular_file",
     "read_regular_file",
     "regular_file_sha256",
+    "file_sha256",
+    "stream_sha256",
     "serving_bytes",
 ]
 
@@ -201,11 +203,26 @@ def regular_file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> s
             an empty file, or a read error.
     """
     check_image_file(path, check_suffix=False)
-    h = hashlib.sha256()
     with open_regular_file(path) as fh:
         try:
-            for block in iter(lambda: fh.read(chunk), b""):
-                h.update(block)
+            return stream_sha256(fh, chunk)
         except OSError as e:
             raise ImageReadError(os.fspath(path), f"cannot read file ({e.strerror or type(e).__name__})") from None
+
+
+def stream_sha256(fh: BinaryIO, chunk: int = 1 << 20) -> str:
+    """sha256 (hex) of what is left to read in an open binary file (the package's one hashing loop)."""
+    h = hashlib.sha256()
+    for block in iter(lambda: fh.read(chunk), b""):
+        h.update(block)
     return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    """sha256 (hex) of a file's bytes, without the image-file checks (weights, CSVs, data files).
+
+    Raises:
+        OSError: the file cannot be opened or read.
+    """
+    with open(path, "rb") as fh:
+        return stream_sha256(fh, chunk)
