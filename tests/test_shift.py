@@ -105,7 +105,8 @@ def _reference_records(bundle: str):
 @pytest.mark.parametrize("bundle", ["blood_cbm", "derm_cbm", "cxr_cbm"])  # feature kNN alone, retrained backbones
 def test_shipped_bundles_flag_blank_white_noise_and_foreign_images(tmp_path, bundle):
     from medcbm.datasets.paths import shared_data_root
-    from medcbm.features import FeatureCache, default_cache_dir, extract_features
+    from medcbm.engine import extract_features
+    from medcbm.features import FeatureCache, default_cache_dir
     from medcbm.bundle import LoadedBundle
 
     data = shared_data_root()
