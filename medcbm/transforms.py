@@ -189,7 +189,24 @@ class LoadClinicalImage(Transform):
         return {"transform": "LoadClinicalImage", "reader_version": READER_VERSION, "range": [0.0, 1.0]}
 
 
-class LoadClinicalImaged(MapTransform):
+class _DictVersion(MapTransform):
+    """MONAI's dictionary form of an array transform: applies ``self.inner`` to each key (one definition of the
+    loop and the fingerprint for the three pairs below)."""
+
+    inner: Any
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:  # type: ignore[override]
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.inner(d[key])
+        return d
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Stable description of this step."""
+        return {**self.inner.fingerprint(), "transform": type(self).__name__}
+
+
+class LoadClinicalImaged(_DictVersion):
     """Dictionary version of :class:`LoadClinicalImage`: replaces each path under ``keys`` by a tensor."""
 
     backend = LoadClinicalImage.backend
@@ -202,17 +219,7 @@ class LoadClinicalImaged(MapTransform):
         max_pixels: int | None = None,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.loader = LoadClinicalImage(max_side, max_pixels)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:  # type: ignore[override]
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.loader(d[key])
-        return d
-
-    def fingerprint(self) -> dict[str, Any]:
-        """Stable description of this step."""
-        return {**self.loader.fingerprint(), "transform": "LoadClinicalImaged"}
+        self.loader = self.inner = LoadClinicalImage(max_side, max_pixels)
 
 
 class ToModalityChannels(Transform):
@@ -255,24 +262,14 @@ class ToModalityChannels(Transform):
         return {"transform": "ToModalityChannels", "mode": self.mode, "luma": list(_LUMA), "channels": 3}
 
 
-class ToModalityChannelsd(MapTransform):
+class ToModalityChannelsd(_DictVersion):
     """Dictionary version of :class:`ToModalityChannels`."""
 
     backend = ToModalityChannels.backend
 
     def __init__(self, keys: KeysCollection, mode: str = "rgb", allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.converter = ToModalityChannels(mode)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:  # type: ignore[override]
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.converter(d[key])
-        return d
-
-    def fingerprint(self) -> dict[str, Any]:
-        """Stable description of this step."""
-        return {**self.converter.fingerprint(), "transform": "ToModalityChannelsd"}
+        self.converter = self.inner = ToModalityChannels(mode)
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> str:
@@ -412,7 +409,7 @@ class EncoderInput(Transform):
         return fp
 
 
-class EncoderInputd(MapTransform):
+class EncoderInputd(_DictVersion):
     """Dictionary version of :class:`EncoderInput`."""
 
     backend = EncoderInput.backend
@@ -429,17 +426,9 @@ class EncoderInputd(MapTransform):
         interpolation: str = "bicubic",
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.encoder_input = EncoderInput(image_size, mean, std, resize_mode=resize_mode, interpolation=interpolation)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:  # type: ignore[override]
-        d = dict(data)
-        for key in self.key_iterator(d):
-            d[key] = self.encoder_input(d[key])
-        return d
-
-    def fingerprint(self) -> dict[str, Any]:
-        """Stable description of this step."""
-        return {**self.encoder_input.fingerprint(), "transform": "EncoderInputd"}
+        self.encoder_input = self.inner = EncoderInput(
+            image_size, mean, std, resize_mode=resize_mode, interpolation=interpolation
+        )
 
 
 def _canonical_sha256(payload: Any) -> str:

@@ -21,7 +21,7 @@ import os
 import stat
 import threading
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import BinaryIO, Callable, Iterator, TypeVar
 
 from medcbm.io.errors import ImageReadError
 
@@ -38,6 +38,7 @@ __all__ = [
     "serving_bytes",
 ]
 
+T = TypeVar("T")
 _served = threading.local()  # path -> bytes already read by this thread (see serving_bytes)
 
 SUPPORTED_SUFFIXES = (".dcm", ".nii", ".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -165,10 +166,15 @@ def read_regular_file(path: str | os.PathLike[str]) -> bytes:
         ImageReadError: a missing file, a folder, a non-regular file, a broken link or a link loop,
             an empty file, or a read error.
     """
+    return _checked_read(path, lambda fh: fh.read())
+
+
+def _checked_read(path: str | os.PathLike[str], read: Callable[[BinaryIO], T]) -> T:
+    """``read`` applied to a regular file checked and opened without blocking; read errors name the file."""
     check_image_file(path, check_suffix=False)
     with open_regular_file(path) as fh:
         try:
-            return fh.read()
+            return read(fh)
         except OSError as e:
             raise ImageReadError(os.fspath(path), f"cannot read file ({e.strerror or type(e).__name__})") from None
         except MemoryError:
@@ -202,12 +208,7 @@ def regular_file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> s
         ImageReadError: a missing file, a folder, a non-regular file, a broken link or a link loop,
             an empty file, or a read error.
     """
-    check_image_file(path, check_suffix=False)
-    with open_regular_file(path) as fh:
-        try:
-            return stream_sha256(fh, chunk)
-        except OSError as e:
-            raise ImageReadError(os.fspath(path), f"cannot read file ({e.strerror or type(e).__name__})") from None
+    return _checked_read(path, lambda fh: stream_sha256(fh, chunk))
 
 
 def stream_sha256(fh: BinaryIO, chunk: int = 1 << 20) -> str:
