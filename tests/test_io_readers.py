@@ -317,3 +317,23 @@ def test_invalid_window_falls_back_to_the_stored_range(tmp_path: Path) -> None:
     data[0, 0] = 3000.0
     f = write_synthetic_dicom(tmp_path / "w0.dcm", data, bits=12, window=(2000, 0))  # width < 1 is invalid
     np.testing.assert_allclose(read_image(f)[..., 0], data / 4095.0, atol=1e-7)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc/self/fd to count open files")
+def test_nifti_reads_close_their_files(tmp_path: Path) -> None:
+    """A NIfTI read (gzip-compressed, or refused as a volume) closes its file itself, not when the garbage collector
+    gets to the image or the exception that still refers to it."""
+    import gc
+
+    ok, vol = tmp_path / "slice.nii.gz", tmp_path / "volume.nii"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((30, 40)).astype(np.float32), np.eye(4)), ok)
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 6), np.float32), np.eye(4)), vol)
+    gc.collect()
+    before = len(os.listdir("/proc/self/fd"))
+    reader = ClinicalNiftiReader()
+    handle = reader.read(str(ok))
+    arr, _ = reader.get_data(handle)  # the handle is still alive here
+    assert arr.shape == (30, 40, 1) and len(os.listdir("/proc/self/fd")) == before
+    with pytest.raises(ImageReadError, match="3D volume") as refused:
+        reader.read(str(vol))
+    assert refused.value is not None and len(os.listdir("/proc/self/fd")) == before

@@ -337,19 +337,25 @@ class ClinicalPILReader(ClinicalImageReader):
 # --------------------------------------------------------------------------------------------------
 # NIfTI
 # --------------------------------------------------------------------------------------------------
-def _nifti_open(nib: Any, path: str) -> Any:
-    """A lazily read NIfTI image through :func:`open_regular_file` (bytes already read are decoded, not re-read)."""
-    fh = open_regular_file(path)
+def _nifti_open(nib: Any, path: str, raw: Any) -> tuple[Any, Any]:
+    """A lazily read NIfTI image on the open file ``raw`` (from :func:`open_regular_file`, so bytes already read are
+    decoded, not re-read), and the stream it reads (``raw`` or a gzip stream over it)."""
+    fh = raw
     if path.lower().endswith(".gz"):
         import gzip
 
-        fh = gzip.GzipFile(fileobj=fh, mode="rb")
+        fh = gzip.GzipFile(fileobj=raw, mode="rb")
     holder = nib.FileHolder(filename=path, fileobj=fh)
     try:
-        return nib.Nifti1Image.from_file_map({"header": holder, "image": holder})
+        return nib.Nifti1Image.from_file_map({"header": holder, "image": holder}), fh
     except nib.spatialimages.HeaderDataError:  # a 540-byte NIfTI-2 header
         fh.seek(0)
-        return nib.Nifti2Image.from_file_map({"header": holder, "image": holder})
+        return nib.Nifti2Image.from_file_map({"header": holder, "image": holder}), fh
+
+
+def _close_all(*files: Any) -> None:
+    for f in files:
+        f.close()
 
 
 class ClinicalNiftiReader(ClinicalImageReader):
@@ -364,10 +370,18 @@ class ClinicalNiftiReader(ClinicalImageReader):
     name = "nifti"
 
     def _read(self, path: str) -> _Handle:
+        raw = open_regular_file(path)
+        try:
+            return self._header(path, raw)
+        except BaseException:  # the handle owns the file only when the header is accepted
+            raw.close()
+            raise
+
+    def _header(self, path: str, raw: Any) -> _Handle:
         import nibabel as nib
 
         try:
-            img = _nifti_open(nib, path)  # parses the header; the data is read on decode
+            img, stream = _nifti_open(nib, path, raw)  # parses the header; the data is read on decode
             shape = tuple(int(s) for s in img.shape)
         except Exception as e:  # nibabel ImageFileError, gzip/zlib errors, EOFError, ...
             raise ImageReadError(path, f"not a valid NIfTI file ({_short(e)})") from None
@@ -383,7 +397,7 @@ class ClinicalNiftiReader(ClinicalImageReader):
             plane = plane + [1] * (2 - len(plane))
             height, width = plane
         self._budget(path, height, width)
-        return _Handle(path, img, {"shape": shape, "plane": (height, width)})
+        return _Handle(path, img, {"shape": shape, "plane": (height, width), "files": (stream, raw)})
 
     def _decode(self, handle: _Handle) -> np.ndarray:
         path = handle.path
@@ -393,6 +407,8 @@ class ClinicalNiftiReader(ClinicalImageReader):
             raise ImageReadError(path, "image is too large to load into memory") from None
         except Exception as e:
             raise ImageReadError(path, f"not a valid NIfTI file ({_short(e)})") from None
+        finally:
+            _close_all(*handle.extra["files"])
         if arr.dtype.kind not in "biuf":
             raise ImageReadError(path, f"unsupported NIfTI data type {arr.dtype}")
         if arr.size == 0:
