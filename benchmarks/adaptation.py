@@ -52,7 +52,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from medcbm.adaptation import ConceptEditSearch, fit_site_adaptation  # noqa: E402
+from medcbm.adaptation import ConceptEditSearch, ReferenceScores, fit_site_adaptation  # noqa: E402
 from medcbm.adaptation.baselines import T3A, lame_predict, linear_probe_refit, refit_head_with_prior  # noqa: E402
 from medcbm.bundle import LoadedBundle  # noqa: E402
 from medcbm.datasets.paths import shared_data_root  # noqa: E402
@@ -295,7 +295,7 @@ def run_methods(
     score("none", (tgt.S @ W.T + b).argmax(1), (src.S @ W.T + b).argmax(1), time.perf_counter() - t0)
 
     search = ConceptEditSearch(class_names=bundle.class_names, concept_ids=bundle.concept_ids)
-    search.fit(sup.S, sup.y, W, b, neutral, ref.S, ref.y, mus, unlabelled_reference_scores=ref.U)
+    search.fit(sup.S, sup.y, bundle.head_arrays(), ReferenceScores(ref.S, ref.y, ref.U), mus)
     spec = search.spec_
     score(
         "concept_edit",
@@ -354,7 +354,8 @@ def _site_methods(
     bundle: LoadedBundle, sup: Scored, tgt: Scored, src: Scored, ref: Scored, site: Scored, score: Callable[..., None]
 ) -> None:
     """Calibration only, label shift only, both, and both with the concept edit on top (site sample unlabelled)."""
-    W, b, neutral, mus = _head(bundle)
+    W, b, _, mus = _head(bundle)
+    head, reference = bundle.head_arrays(), ReferenceScores(ref.S, ref.y, ref.U)
     for name, cal, ls in (
         ("site_calibration", True, False),
         ("site_label_shift", False, True),
@@ -362,7 +363,7 @@ def _site_methods(
     ):
         t0 = time.perf_counter()
         fit = fit_site_adaptation(
-            site.S, ref.S, ref.y, W, b, ref.U, bundle.class_names, bundle.concept_ids, calibrate=cal, label_shift=ls
+            site.S, reference, head, bundle.class_names, bundle.concept_ids, calibrate=cal, label_shift=ls
         )
         bo = b + fit.offset
         seconds = time.perf_counter() - t0
@@ -375,11 +376,8 @@ def _site_methods(
             label_shift_applied=bool(fit.label_shift is not None and fit.label_shift.applied_),
         )
     t0 = time.perf_counter()
-    U = fit.calibrate(ref.U) if ref.U is not None else None
     search = ConceptEditSearch(class_names=bundle.class_names, concept_ids=bundle.concept_ids)
-    search.fit(
-        fit.calibrate(sup.S), sup.y, W, bo, neutral, fit.calibrate(ref.S), ref.y, mus, unlabelled_reference_scores=U
-    )
+    search.fit(fit.calibrate(sup.S), sup.y, head.with_offset(fit.offset), reference.mapped(fit.calibrate), mus)
     score(
         "site_both_edit",
         search.predict(fit.calibrate(tgt.S)),

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from medcbm.adaptation import fit_site_adaptation  # noqa: E402
+from medcbm.adaptation import ReferenceScores, fit_site_adaptation  # noqa: E402
 from medcbm.bundle import LoadedBundle  # noqa: E402
 from medcbm.io.atomic import atomic_write_json  # noqa: E402
 
@@ -48,18 +48,16 @@ def measure(name: str, n: int, repeats: int) -> dict:
     if bundle.reference is None:
         return {"skipped": "the bundle ships no reference set"}
     S = site_sample(bundle, n)
-    head, ref = bundle.head_arrays(), bundle.reference
-    U = ref.unlabelled_scores(bundle.network)
+    head, reference = bundle.head_arrays(), ReferenceScores.of_bundle(bundle)
     times, fit = [], None
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fit = fit_site_adaptation(S, ref.scores, ref.labels, head.weight, head.bias, U, bundle.class_names,
-                                  bundle.concept_ids)  # fmt: skip
+        fit = fit_site_adaptation(S, reference, head, bundle.class_names, bundle.concept_ids)
         times.append(time.perf_counter() - t0)
     return {
         "n_site": n,
-        "n_reference": int(len(ref.labels)),
-        "n_unlabelled_reference": int(len(U)),
+        "n_reference": int(len(reference.labels)),
+        "n_unlabelled_reference": int(len(reference.unlabelled)),
         "n_concepts": len(bundle.concept_ids),
         "seconds_median": round(statistics.median(times), 3),
         "seconds_max": round(max(times), 3),

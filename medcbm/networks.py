@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -318,6 +319,34 @@ class HeadArrays:
     offset: np.ndarray
     mask: np.ndarray
     gain: np.ndarray
+
+    @classmethod
+    def plain(cls, weight: Any, bias: Any, neutral: Any = None) -> "HeadArrays":
+        """A head with no edit and no offset (``neutral`` zeros when not given), checked for shape and finiteness.
+
+        Raises:
+            ValueError: ``weight`` is not 2-D, or ``bias`` / ``neutral`` do not match it, or a value is not finite.
+        """
+        w = np.asarray(weight, dtype=np.float64)
+        if w.ndim != 2:
+            raise ValueError(f"head weight must be 2-D (classes, concepts), got shape {w.shape}")
+        C, K = w.shape
+        b = np.asarray(bias, dtype=np.float64).reshape(-1)
+        n0 = np.zeros(K) if neutral is None else np.asarray(neutral, dtype=np.float64).reshape(-1)
+        if b.shape != (C,) or n0.shape != (K,):
+            raise ValueError(f"bias {b.shape} / neutral {n0.shape} do not match a head of shape {(C, K)}")
+        if not (np.isfinite(w).all() and np.isfinite(b).all() and np.isfinite(n0).all()):
+            raise ValueError("the head holds NaN or infinite values")
+        return cls(w, b, n0, np.zeros(C), np.zeros(K, dtype=bool), np.ones(K))
+
+    def with_offset(self, offset: Any) -> "HeadArrays":
+        """The same head with the label-shift ``offset`` ``(C,)`` (a site fit's) in place of its own."""
+        return dataclasses.replace(self, offset=np.asarray(offset, dtype=np.float64).reshape(self.bias.shape))
+
+    @property
+    def has_edit(self) -> bool:
+        """Whether a concept is masked or scaled."""
+        return bool(self.mask.any() or np.any(self.gain != 1.0))
 
     def edit(self, scores: np.ndarray) -> np.ndarray:
         """The edit on ``(N, K)`` scores: masked concepts take their neutral value, the others are scaled (a site

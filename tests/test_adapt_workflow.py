@@ -26,6 +26,8 @@ import yaml
 from PIL import Image
 
 from conftest import REPO, TINY_CFG, bundle_command
+from medcbm.adaptation.reference_scores import ReferenceScores
+from medcbm.networks import HeadArrays
 from medcbm.adaptation import AdaptationSpec
 from medcbm.backbones import save_local_dir
 from medcbm.bundle import REFERENCE_FILE, LoadedBundle
@@ -108,10 +110,15 @@ def site(tmp_path_factory):
     shutil.copy(REPO / "bundles" / "derm_cbm" / "configs" / "metadata.json", w / "derm_cbm" / "configs")
     bank = {
         "classes": ["reddish", "bluish"],
-        "concepts": [_concept("red_area", "a red area"), _concept("blue_area", "a blue area"),
-                     _concept("green_area", "a green area")],
-        "prior": {"reddish": {"red_area": 1, "blue_area": -1},
-                  "bluish": {"blue_area": 1, "red_area": -1, "green_area": 1}},
+        "concepts": [
+            _concept("red_area", "a red area"),
+            _concept("blue_area", "a blue area"),
+            _concept("green_area", "a green area"),
+        ],
+        "prior": {
+            "reddish": {"red_area": 1, "blue_area": -1},
+            "bluish": {"blue_area": 1, "red_area": -1, "green_area": 1},
+        },
     }
     (root / "configs" / "concepts.yaml").write_text(yaml.safe_dump(bank))
     src = _images(w / "src", 16, seed=0)
@@ -119,8 +126,13 @@ def site(tmp_path_factory):
     _write(w / "train.csv", src[0::2], header)
     _write(w / "val.csv", src[1::2], header)
     TrainingRunner(
-        root / "configs" / "concepts.yaml", w / "train.csv", w / "val.csv", root / "models", w / "base",
-        drop_ungroundable=False, exit_on_error=False,
+        root / "configs" / "concepts.yaml",
+        w / "train.csv",
+        w / "val.csv",
+        root / "models",
+        w / "base",
+        drop_ungroundable=False,
+        exit_on_error=False,
     ).run()
     tgt = _images(w / "tgt", 12, seed=1, green_cast=True)
     in_support = [r for r in tgt if int(r[0].rsplit("_", 1)[1].split(".")[0]) < 4]
@@ -172,13 +184,16 @@ def test_adapt_then_infer_fixes_the_shifted_site_and_keeps_the_source(site, tmp_
 
     # inference on held-out target images: the edit is applied, and it helps
     for name, adaptation in (("plain", None), ("adapted", path)):
-        n_err = InferenceRunner(site["root"], tmp_path / name, site["rest"], adaptation=adaptation,
-                                exit_on_error=False, progress=False).run()
+        n_err = InferenceRunner(
+            site["root"], tmp_path / name, site["rest"], adaptation=adaptation, exit_on_error=False, progress=False
+        ).run()
         assert n_err == 0
     plain, adapted = _predictions(tmp_path / "plain"), _predictions(tmp_path / "adapted")
     y = [r["label"] for r in plain]
-    acc = {n: balanced_accuracy(np.array(y), np.array([r["prediction"] for r in rows]))
-           for n, rows in (("plain", plain), ("adapted", adapted))}
+    acc = {
+        n: balanced_accuracy(np.array(y), np.array([r["prediction"] for r in rows]))
+        for n, rows in (("plain", plain), ("adapted", adapted))
+    }
     assert acc["plain"] <= 0.5 < 0.9 <= acc["adapted"]
     # every adapted row is the edited network's argmax on that image
     pipe = bundle.preprocessing.pipeline()
@@ -272,8 +287,11 @@ def test_a_bundle_without_reference_set_must_be_refitted(site, tmp_path):
     root = tmp_path / "toy_cbm"
     shutil.copytree(site["root"], root)
     (root / "models" / REFERENCE_FILE).unlink()
-    with pytest.raises(NoReferenceSetError, match=r"reference\.safetensors: toy_cbm carries no source reference set.*"
-                                                   r"re-fit the bundle with configs/train\.yaml"):
+    with pytest.raises(
+        NoReferenceSetError,
+        match=r"reference\.safetensors: toy_cbm carries no source reference set.*"
+        r"re-fit the bundle with configs/train\.yaml",
+    ):
         AdaptationRunner(root, tmp_path / "adapt", site["support"], exit_on_error=False, progress=False).run()
     assert not (tmp_path / "adapt").exists() or not any((tmp_path / "adapt").iterdir())
     assert issubclass(NoReferenceSetError, MedcbmUserError)
@@ -292,21 +310,46 @@ def _env():
 
 def test_bundle_command_adapts_then_infers_and_fails_in_one_line(site, tmp_path):
     adapt = tmp_path / "adapt"
-    proc = subprocess.run(_toy_command(site, "adapt.yaml", "--support", str(site["support"]), "--output_dir",
-                                       str(adapt)), cwd=REPO, capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run(
+        _toy_command(site, "adapt.yaml", "--support", str(site["support"]), "--output_dir", str(adapt)),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((adapt / ADAPTATION_FILE).read_text())["gain"]
-    proc = subprocess.run(_toy_command(site, "inference.yaml", "--input", str(site["rest"]), "--output_dir",
-                                       str(tmp_path / "out"), "--adaptation", str(adapt / ADAPTATION_FILE)),
-                          cwd=REPO, capture_output=True, text=True, timeout=600, env=_env())
+    proc = subprocess.run(
+        _toy_command(
+            site,
+            "inference.yaml",
+            "--input",
+            str(site["rest"]),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--adaptation",
+            str(adapt / ADAPTATION_FILE),
+        ),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = _predictions(tmp_path / "out")
     assert balanced_accuracy(np.array([r["label"] for r in rows]), np.array([r["prediction"] for r in rows])) >= 0.9
 
     bad = _write(tmp_path / "bad.csv", [[site["support_rows"][0][0], "purple"]])
-    proc = subprocess.run(_toy_command(site, "adapt.yaml", "--support", str(bad), "--output_dir",
-                                       str(tmp_path / "bad_adapt")), cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=_env())
+    proc = subprocess.run(
+        _toy_command(site, "adapt.yaml", "--support", str(bad), "--output_dir", str(tmp_path / "bad_adapt")),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=_env(),
+    )
     assert proc.returncode == 2
     last = [line for line in proc.stderr.splitlines() if line.startswith("medcbm:")]
     assert len(last) == 1 and str(bad) in last[0] and "purple" in last[0] and "Traceback" not in proc.stderr
@@ -325,8 +368,10 @@ def test_blood_adapts_to_another_laboratory_through_the_bundle_command(tmp_path)
         pytest.skip("../shared/data/bccd_wbc_dev is absent (set MEDCBM_SHARED_DATA)")
     root = _blood_bundle()
     if not os.path.isfile(os.path.join(root, "models", REFERENCE_FILE)):
-        pytest.skip(f"{root}/models/{REFERENCE_FILE} is absent: re-fit blood_cbm with configs/train.yaml to ship a "
-                    "source reference set")
+        pytest.skip(
+            f"{root}/models/{REFERENCE_FILE} is absent: re-fit blood_cbm with configs/train.yaml to ship a "
+            "source reference set"
+        )
     with open(data / "bccd_wbc_dev" / "labels.csv", newline="") as f:
         rows = [(str(data / "bccd_wbc_dev" / r["file"]), r["label"]) for r in csv.DictReader(f)]
     rng = np.random.default_rng(0)
@@ -349,8 +394,15 @@ def test_blood_adapts_to_another_laboratory_through_the_bundle_command(tmp_path)
     assert spec["source_accuracy_after"] >= spec["source_accuracy_before"] - 0.005  # the source guard
     assert spec["provenance"]["k_per_class"]["basophil"] == 0 and spec["missing_classes"] == ["basophil"]
     run("inference.yaml", "--input", str(rest_csv), "--output_dir", str(tmp_path / "plain"))
-    run("inference.yaml", "--input", str(rest_csv), "--output_dir", str(tmp_path / "adapted"),
-        "--adaptation", str(tmp_path / "adapt" / ADAPTATION_FILE))
+    run(
+        "inference.yaml",
+        "--input",
+        str(rest_csv),
+        "--output_dir",
+        str(tmp_path / "adapted"),
+        "--adaptation",
+        str(tmp_path / "adapt" / ADAPTATION_FILE),
+    )
     ba = {}
     for name in ("plain", "adapted"):
         out = _predictions(tmp_path / name)
@@ -371,14 +423,18 @@ def test_source_guard_counts_broken_source_images_that_fixes_elsewhere_cannot_of
     from medcbm.adaptation import ConceptEditSearch
 
     W, b, neutral, R, yr, S, ys, _, _ = _setting(confound=0.6, weak_c=1.0)
-    plain = ConceptEditSearch(class_names=CLASSES, concept_ids=IDS).fit(S, ys, W, b, neutral, R, yr)
+    plain = ConceptEditSearch(class_names=CLASSES, concept_ids=IDS).fit(
+        S, ys, HeadArrays.plain(W, b, neutral), ReferenceScores(R, yr)
+    )
     assert plain.spec_.mask == ["confounder"]  # on this site, masking the confounder is the edit
     R2, neutral2 = R.copy(), neutral.copy()
     neutral2[3] = 0.2
     b_idx, a_idx = np.flatnonzero(yr == 1)[:6], np.flatnonzero(yr == 0)[:6]
     R2[b_idx, 1], R2[b_idx, 3] = 0.1, 0.9  # source b images recognised by the confounder alone: the mask breaks them
     R2[a_idx, 0], R2[a_idx, 3] = 0.7, 0.9  # source a images the confounder wrongly pulls to b: the mask fixes them
-    s = ConceptEditSearch(class_names=CLASSES, concept_ids=IDS).fit(S, ys, W, b, neutral2, R2, yr)
+    s = ConceptEditSearch(class_names=CLASSES, concept_ids=IDS).fit(
+        S, ys, HeadArrays.plain(W, b, neutral2), ReferenceScores(R2, yr)
+    )
     before = (R2 @ W.T + b).argmax(1)
     masked = R2.copy()
     masked[:, 3] = neutral2[3]

@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from medcbm.adaptation.reference_scores import ReferenceScores
+from medcbm.networks import HeadArrays
 from medcbm.adaptation import AdaptationSpec, ConceptEditSearch
 from medcbm.adaptation.baselines import T3A, lame_predict, refit_head_with_prior
 
@@ -52,7 +56,7 @@ def _search():
 
 def test_planted_confounder_is_masked():
     W, b, neutral, R, yr, S, ys, T, yt = _setting(confound=0.6, weak_c=1.0)
-    s = _search().fit(S, ys, W, b, neutral, R, yr)
+    s = _search().fit(S, ys, HeadArrays.plain(W, b, neutral), ReferenceScores(R, yr))
     assert s.mask_.tolist() == [False, False, False, True, False, False]
     assert np.all(s.gain_ == 1.0)
     spec = s.spec_
@@ -71,7 +75,9 @@ def test_planted_under_activated_concept_is_amplified():
     W[2, 2] = 0.0  # class c is recognised by 'weak_c' alone ...
     b = -W @ np.full(K, 0.3)
     b[2] -= 0.5  # ... which at this site is too weak to win
-    s = ConceptEditSearch(gamma_max=2.0, class_names=CLASSES, concept_ids=IDS).fit(S, ys, W, b, neutral, R, yr)
+    s = ConceptEditSearch(gamma_max=2.0, class_names=CLASSES, concept_ids=IDS).fit(
+        S, ys, HeadArrays.plain(W, b, neutral), ReferenceScores(R, yr)
+    )
     assert not s.mask_.any()
     assert s.gain_[4] == 2.0  # mu_s / mu_t is about 4: clipped at gamma_max
     assert np.all(s.gain_[[0, 1, 2, 3, 5]] == 1.0)
@@ -84,7 +90,7 @@ def test_planted_under_activated_concept_is_amplified():
 
 def test_no_site_effect_means_no_edit():
     W, b, neutral, R, yr, S, ys, _, _ = _setting(confound=0.0, weak_c=1.0)
-    s = _search().fit(S, ys, W, b, neutral, R, yr)
+    s = _search().fit(S, ys, HeadArrays.plain(W, b, neutral), ReferenceScores(R, yr))
     assert not s.mask_.any() and np.all(s.gain_ == 1.0)
     assert s.spec_.mask == [] and s.spec_.gain == {} and s.spec_.reasons == {}
 
@@ -102,7 +108,7 @@ def _weak_c_setting(k):
 
 def test_a_leave_one_out_tie_keeps_the_single_best_edit():
     W, b, neutral, R, yr, S, ys, T, yt = _weak_c_setting(k=4)
-    s = _search().fit(S, ys, W, b, neutral, R, yr)
+    s = _search().fit(S, ys, HeadArrays.plain(W, b, neutral), ReferenceScores(R, yr))
     assert s.spec_.support_accuracy_before == 1.0 and {x["loo_balanced_accuracy"] for x in s.loo_} == {1.0}
     assert s.spec_.mask == [] and list(s.spec_.gain) == ["weak_c"]
     assert s.spec_.method["chosen_by"].startswith("leave-one-out tie")
@@ -111,15 +117,17 @@ def test_a_leave_one_out_tie_keeps_the_single_best_edit():
     assert s.spec_.source_accuracy_after >= s.spec_.source_accuracy_before - 0.005
     # one image per class: holding it out removes its class, leave-one-out tests nothing, no edit is kept
     W, b, neutral, R, yr, S, ys, T, yt = _weak_c_setting(k=1)
-    one = _search().fit(S, ys, W, b, neutral, R, yr)
+    one = _search().fit(S, ys, HeadArrays.plain(W, b, neutral), ReferenceScores(R, yr))
     assert one.spec_.gain == {} and one.spec_.method["chosen_by"] == "leave-one-out"
 
 
 def test_a_shift_within_noise_proposes_nothing():
     """min_shift_z: a support mean within two source standard errors of its source level is not a candidate."""
     W, b, neutral, R, yr, S, ys, _, _ = _setting(confound=0.0, weak_c=1.0)
-    strict = _search().fit(S, ys, W, b, neutral, R, yr)
-    loose = ConceptEditSearch(class_names=CLASSES, concept_ids=IDS, min_shift_z=0.0).fit(S, ys, W, b, neutral, R, yr)
+    strict = _search().fit(S, ys, HeadArrays.plain(W, b, neutral), ReferenceScores(R, yr))
+    loose = ConceptEditSearch(class_names=CLASSES, concept_ids=IDS, min_shift_z=0.0).fit(
+        S, ys, HeadArrays.plain(W, b, neutral), ReferenceScores(R, yr)
+    )
     assert strict._candidates(S, ys, C, K) == [] and strict.spec_.gain == {} and not strict.mask_.any()
     assert loose._candidates(S, ys, C, K) != []
     with pytest.raises(ValueError, match="min_shift_z"):
@@ -140,7 +148,7 @@ def test_source_guard_refuses_a_harmful_edit():
     W, b, neutral, R, yr, S, ys, _, _ = _setting()
     # the same target site as above (masking the confounder helps there), but a source that needs it
     R2, neutral2 = _source_needing_the_confounder(R, yr)
-    s = _search().fit(S, ys, W, b, neutral2, R2, yr)
+    s = _search().fit(S, ys, HeadArrays.plain(W, b, neutral2), ReferenceScores(R2, yr))
     assert not s.mask_[3]
     rejected = {s.concept_ids_[e.index]: reason for e, reason in s.rejected_}
     assert "confounder" in rejected and "source guard" in rejected["confounder"]
@@ -148,14 +156,14 @@ def test_source_guard_refuses_a_harmful_edit():
     assert s.spec_.source_accuracy_after >= s.spec_.source_accuracy_before - 0.005
     # without the guard (tolerance 99%) the same edit is taken: the guard is what refused it
     loose = ConceptEditSearch(class_names=CLASSES, concept_ids=IDS, guard_tolerance=0.99)
-    loose.fit(S, ys, W, b, neutral2, R2, yr)
+    loose.fit(S, ys, HeadArrays.plain(W, b, neutral2), ReferenceScores(R2, yr))
     assert loose.mask_[3] and loose.spec_.source_accuracy_after < loose.spec_.source_accuracy_before - 0.005
 
 
 def test_missing_class_is_allowed_with_a_warning():
     W, b, neutral, R, yr, S, ys, _, _ = _setting()
     keep = ys != 1
-    s = _search().fit(S[keep], ys[keep], W, b, neutral, R, yr)
+    s = _search().fit(S[keep], ys[keep], HeadArrays.plain(W, b, neutral), ReferenceScores(R, yr))
     assert s.missing_classes_ == ["b"] and s.spec_.missing_classes == ["b"]
     assert any("'b'" in w for w in s.spec_.warnings)
     assert s.mask_[3]  # the confounder is still found from a and c
@@ -167,22 +175,22 @@ def test_deterministic():
     W, b, neutral, R, yr, S, ys, _, _ = _setting(k=8)
     R = np.tile(R, (10, 1))
     yr = np.tile(yr, 10)
-    a = _search().fit(S, ys, W, b, neutral, R, yr)
-    bb = _search().fit(S, ys, W, b, neutral, R, yr)
+    a = _search().fit(S, ys, HeadArrays.plain(W, b, neutral), ReferenceScores(R, yr))
+    bb = _search().fit(S, ys, HeadArrays.plain(W, b, neutral), ReferenceScores(R, yr))
     assert a.spec_ == bb.spec_ and a.loo_ == bb.loo_
 
 
 def test_guard_counts_prediction_changes_on_unlabelled_source_images():
     W, b, neutral, R, yr, S, ys, _, _ = _setting()
     # labelled references alone: masking the confounder is harmless there, so it is taken
-    assert _search().fit(S, ys, W, b, neutral, R, yr).mask_[3]
+    assert _search().fit(S, ys, HeadArrays.plain(W, b, neutral), ReferenceScores(R, yr)).mask_[3]
     # unlabelled source images of class b that only the confounder recognises: the mask would change their
     # prediction, so the guard refuses it although no labelled reference image is lost
     U = R[yr == 1].copy()
     U[:, 1] = 0.1
     U[:, 3] += 0.6
     U = np.tile(U, (10, 1))
-    s = _search().fit(S, ys, W, b, neutral, R, yr, unlabelled_reference_scores=U)
+    s = _search().fit(S, ys, HeadArrays.plain(W, b, neutral), ReferenceScores(R, yr, U))
     assert not s.mask_[3]
     assert "source guard" in s.spec_.method["guard_rejected"]["confounder"]
     assert s.spec_.method["n_unlabelled_reference"] == len(U)
@@ -213,7 +221,9 @@ def test_a_refused_gain_is_cut_down_not_dropped():
     row[4] = (z[0] - z[2]) / 11
     R2 = np.vstack([R, np.tile(row, (20, 1))])
     yr2 = np.concatenate([yr, np.zeros(20, dtype=int)])
-    s = ConceptEditSearch(gamma_max=2.0, class_names=CLASSES, concept_ids=IDS).fit(S, ys, W, b, neutral, R2, yr2)
+    s = ConceptEditSearch(gamma_max=2.0, class_names=CLASSES, concept_ids=IDS).fit(
+        S, ys, HeadArrays.plain(W, b, neutral), ReferenceScores(R2, yr2)
+    )
     assert s.gain_[4] == 1.75 and not s.mask_.any()
     assert "cut from x2 by the source guard" in s.spec_.reasons["weak_c"]
     assert s.spec_.source_accuracy_after == s.spec_.source_accuracy_before
@@ -224,19 +234,19 @@ def test_a_refused_gain_is_cut_down_not_dropped():
 def test_attenuation_is_taken_where_the_full_mask_is_refused():
     W, b, neutral, R, yr, S, ys, T, yt = _setting()
     R2, neutral2 = _source_needing_the_confounder(R, yr)
-    s = _search().fit(S, ys, W, b, neutral2, R2, yr)
+    s = _search().fit(S, ys, HeadArrays.plain(W, b, neutral2), ReferenceScores(R2, yr))
     assert not s.mask_[3] and 0 < s.gain_[3] < 1
     assert "attenuated" in s.spec_.reasons["confounder"]
     assert s.spec_.source_accuracy_after >= s.spec_.source_accuracy_before - 0.005
     assert (s.predict(T) == yt).mean() > ((T @ W.T + b).argmax(1) == yt).mean() + 0.2
     # without attenuation levels, nothing safe is left for the confounder
     plain = ConceptEditSearch(attenuation_levels=(), class_names=CLASSES, concept_ids=IDS)
-    assert plain.fit(S, ys, W, b, neutral2, R2, yr).gain_[3] == 1.0
+    assert plain.fit(S, ys, HeadArrays.plain(W, b, neutral2), ReferenceScores(R2, yr)).gain_[3] == 1.0
 
 
 def test_spec_round_trips(tmp_path):
     W, b, neutral, R, yr, S, ys, _, _ = _setting()
-    s = _search().fit(S, ys, W, b, neutral, R, yr)
+    s = _search().fit(S, ys, HeadArrays.plain(W, b, neutral), ReferenceScores(R, yr))
     back = AdaptationSpec.read(s.spec_.write(tmp_path / "adaptation.json"), IDS)
     assert back == s.spec_
 
@@ -250,18 +260,33 @@ def test_spec_round_trips(tmp_path):
         (lambda a: a.update(support_scores=a["support_scores"][:, :-1]), "concepts"),
         (lambda a: a["support_scores"].__setitem__((0, 0), np.nan), "NaN"),
         (lambda a: a.update(neutral=a["neutral"][:-1]), "neutral"),
-        (lambda a: a.update(reference_scores=a["reference_scores"][:, :2]), "reference_scores"),
+        (lambda a: a.update(reference_scores=a["reference_scores"][:, :2]), "reference scores have 2 concepts"),
+        (lambda a: a.update(reference_labels=a["reference_labels"] + 5), "outside"),
     ],
 )
 def test_inputs_are_validated(change, needle):
     W, b, neutral, R, yr, S, ys, _, _ = _setting()
     args = dict(
-        support_scores=S.copy(), support_labels=ys, weight=W, bias=b, neutral=neutral,
-        reference_scores=R, reference_labels=yr,
+        support_scores=S.copy(),
+        support_labels=ys,
+        weight=W,
+        bias=b,
+        neutral=neutral,
+        reference_scores=R,
+        reference_labels=yr,
     )
     change(args)
     with pytest.raises(ValueError, match=needle):
-        _search().fit(**args)
+        head = HeadArrays.plain(args["weight"], args["bias"], args["neutral"])
+        reference = ReferenceScores(args["reference_scores"], args["reference_labels"])
+        _search().fit(args["support_scores"], args["support_labels"], head, reference)
+
+
+def test_the_search_refuses_a_head_that_is_already_edited():
+    W, b, neutral, R, yr, S, ys, _, _ = _setting()
+    edited = dataclasses.replace(HeadArrays.plain(W, b, neutral), mask=np.arange(W.shape[1]) == 0)
+    with pytest.raises(ValueError, match="without one"):
+        _search().fit(S, ys, edited, ReferenceScores(R, yr))
 
 
 def test_baselines_run_and_use_the_support():

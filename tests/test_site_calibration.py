@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from medcbm.adaptation.reference_scores import ReferenceScores
+from medcbm.networks import HeadArrays
 from medcbm.adaptation import AdaptationSpec, ConceptCalibrator, LabelShiftEstimator, em_class_prior
 from medcbm.adaptation.source_guard import allowed_losses
 from medcbm.metrics import softmax
@@ -78,7 +80,7 @@ def test_calibration_corrects_a_planted_per_concept_shift():
     y = np.repeat(np.arange(C), 100)
     S = _scores(rng, y, shift=[3.0, 0, 0, 0])  # a stain inflates a_marker on every image
     assert _acc(S, y, W, b) < 0.8  # b and c images are pulled toward a
-    cal = ConceptCalibrator(concept_ids=IDS).fit(S, R, yr, W, b, U)
+    cal = ConceptCalibrator(concept_ids=IDS).fit(S, ReferenceScores(R, yr, U), HeadArrays.plain(W, b))
     assert [IDS[m.index] for m in cal.maps_] == ["a_marker"] and cal.refused_ == {}
     assert cal.n_unshifted_ == 3
     m = cal.maps_[0]
@@ -99,7 +101,7 @@ def test_no_site_effect_leaves_every_concept_alone():
     rng, yr, R, U = _source()
     W, b = _head()
     S = _scores(rng, np.repeat(np.arange(C), 100))
-    cal = ConceptCalibrator(concept_ids=IDS).fit(S, R, yr, W, b, U)
+    cal = ConceptCalibrator(concept_ids=IDS).fit(S, ReferenceScores(R, yr, U), HeadArrays.plain(W, b))
     assert cal.maps_ == [] and cal.to_dict() == {}
     np.testing.assert_allclose(cal.transform(S), S, atol=1e-9)
 
@@ -110,10 +112,10 @@ def test_source_guard_refuses_a_map_that_flips_source_predictions():
     y = np.repeat(np.arange(C), 100)
     # b_marker reads low at the site: its map would raise b_marker on every source image and call a and c images b
     S = _scores(rng, y, shift=[0, -4.0, 0, 0])
-    cal = ConceptCalibrator(concept_ids=IDS).fit(S, R, yr, W, b, U)
+    cal = ConceptCalibrator(concept_ids=IDS).fit(S, ReferenceScores(R, yr, U), HeadArrays.plain(W, b))
     G = np.vstack([R, U])
     base = (G @ W.T + b).argmax(1)
-    target = np.concatenate([yr, base[len(R):]])
+    target = np.concatenate([yr, base[len(R) :]])
     after = (cal.transform(G) @ W.T + b).argmax(1)
     lost = int(((base == target) & (after != target)).sum())
     assert lost <= allowed_losses(len(G), 0.005)
@@ -169,9 +171,9 @@ def test_calibration_and_label_shift_together_keep_a_real_change_of_class_freque
     R, U = _gauss(rng, yr), _gauss(rng, yr)
     y = rng.choice(C, size=600, p=[0.6, 0.3, 0.1])
     S = _gauss(rng, y)  # no stain, only other class frequencies
-    plain = ConceptCalibrator(concept_ids=IDS).fit(S, R, yr, W, b, U)
+    plain = ConceptCalibrator(concept_ids=IDS).fit(S, ReferenceScores(R, yr, U), HeadArrays.plain(W, b))
     assert plain.maps_ or plain.refused_  # matching the unweighted source would "correct" the frequencies away
-    fit = fit_site_adaptation(S, R, yr, W, b, U, CLASSES, IDS)
+    fit = fit_site_adaptation(S, ReferenceScores(R, yr, U), HeadArrays.plain(W, b), CLASSES, IDS)
     assert fit.label_shift.applied_
     np.testing.assert_allclose(fit.label_shift.site_prior_, [0.6, 0.3, 0.1], atol=0.05)
     assert fit.calibrator.maps_ == [] and fit.calibrator.refused_ == {}  # they match the re-weighted source
@@ -184,7 +186,7 @@ def test_the_same_sample_gives_the_same_fit_byte_for_byte():
     S = _scores(np.random.default_rng(5), rng.choice(C, size=400, p=[0.5, 0.3, 0.2]), shift=[2.0, 0, 0, 0])
 
     def text():
-        fit = fit_site_adaptation(S, R, yr, W, b, U, CLASSES, IDS)
+        fit = fit_site_adaptation(S, ReferenceScores(R, yr, U), HeadArrays.plain(W, b), CLASSES, IDS)
         spec = AdaptationSpec(calibration=fit.calibration_dict(), label_shift=fit.label_shift_dict())
         return json.dumps(spec.to_dict(), indent=4)
 
@@ -197,11 +199,12 @@ def test_a_prediction_does_not_depend_on_the_other_images():
     rng, yr, R, U = _source()
     W, b = _head()
     S = _scores(rng, rng.choice(C, size=300, p=[0.8, 0.15, 0.05]), shift=[3.0, 0, 0, 0])
-    calibration = ConceptCalibrator(concept_ids=IDS).fit(S, R, yr, W, b, U).to_dict()
+    calibration = ConceptCalibrator(concept_ids=IDS).fit(S, ReferenceScores(R, yr, U), HeadArrays.plain(W, b)).to_dict()
     offset = {"a": 0.7, "b": -0.2, "c": -0.5}
     net = _network(W, b)
-    AdaptationSpec(calibration=calibration, label_shift={"applied": True, "reason": "t", "logit_offset": offset},
-                   mask=["c_marker"]).apply(net)
+    AdaptationSpec(
+        calibration=calibration, label_shift={"applied": True, "reason": "t", "logit_offset": offset}, mask=["c_marker"]
+    ).apply(net)
     assert net.class_offset.abs().sum() > 0 and bool(net.calib_active)
     x = torch.as_tensor(np.log(S[:20]) - np.log1p(-S[:20]))  # the toy grounding's features are the logits
     with torch.no_grad():
@@ -219,8 +222,11 @@ def test_a_prediction_does_not_depend_on_the_other_images():
 @pytest.mark.parametrize(
     "calibration, label_shift, message",
     [
-        ({"space": "logit", "concepts": {"a_marker": {"slope": -1.0, "intercept": 0.0, "reason": "x"}}}, {},
-         "slope > 0"),
+        (
+            {"space": "logit", "concepts": {"a_marker": {"slope": -1.0, "intercept": 0.0, "reason": "x"}}},
+            {},
+            "slope > 0",
+        ),
         ({"space": "logit", "concepts": {"a_marker": {"slope": 1.0, "intercept": 0.0}}}, {}, "'reason' text"),
         ({"space": "probit", "concepts": {}}, {}, "'calibration.space'"),
         ({}, {"applied": True, "reason": "x", "logit_offset": {"a": float("inf")}}, "finite number"),

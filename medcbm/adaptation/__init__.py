@@ -9,6 +9,7 @@ are not part of what a bundle applies.
 
 from __future__ import annotations
 
+from .reference_scores import ReferenceScores
 from .calibration import ConceptCalibrator
 from .label_shift import LabelShiftEstimator, em_class_prior
 from .site import SiteFit, fit_site_adaptation
@@ -16,6 +17,7 @@ from .edit_search import ConceptEdit, ConceptEditSearch, edited_scores
 from .spec import SPEC_FORMAT_VERSION, AdaptationSpec, AdaptationSpecError
 
 __all__ = [
+    "ReferenceScores",
     "ConceptCalibrator",
     "LabelShiftEstimator",
     "em_class_prior",

@@ -18,8 +18,6 @@ from ..metrics import softmax
 __all__ = ["T3A", "lame_predict", "refit_head_with_prior", "linear_probe_refit"]
 
 
-
-
 def _normalise(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
@@ -67,9 +65,7 @@ class T3A:
         return out
 
 
-def lame_predict(
-    logits: np.ndarray, h: np.ndarray, knn: int = 5, max_iter: int = 100, tol: float = 1e-8
-) -> np.ndarray:
+def lame_predict(logits: np.ndarray, h: np.ndarray, knn: int = 5, max_iter: int = 100, tol: float = 1e-8) -> np.ndarray:
     """LAME (Boudiaf et al., CVPR 2022): Laplacian-regularised adjustment of the output probabilities.
 
     Maximises ``sum_i z_i . log p_i - KL(z_i || p_i) + sum_ij w_ij z_i . z_j`` over assignments ``z`` with a

@@ -29,7 +29,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..networks import calibrate_scores
+from ..networks import HeadArrays, calibrate_scores
+from .reference_scores import ReferenceScores
 from .source_guard import allowed_losses, guard_set
 
 __all__ = ["ConceptCalibrator", "ConceptMap", "calibration_space", "SHRINK_STEPS"]
@@ -113,32 +114,30 @@ class ConceptCalibrator:
     def fit(
         self,
         site_scores: np.ndarray,
-        reference_scores: np.ndarray,
-        reference_labels: np.ndarray,
-        weight: np.ndarray,
-        bias: np.ndarray,
-        unlabelled_reference_scores: np.ndarray | None = None,
+        reference: ReferenceScores,
+        head: HeadArrays,
         reference_weights: np.ndarray | None = None,
     ) -> "ConceptCalibrator":
-        """Fit on unedited site scores ``(n, K)`` against the labelled source reference set ``(N, K)``.
+        """Fit on unedited site scores ``(n, K)`` against the source reference set.
 
         Args:
             site_scores: unedited concept scores of the site sample.
-            reference_scores / reference_labels: the source reference set (unedited) and its labels.
-            weight / bias: the head ``(C, K)`` / ``(C,)`` (with any label-shift offset folded into ``bias``).
-            unlabelled_reference_scores: ``(M, K)`` unedited scores of the bundle's source training sample (guard).
+            reference: the source reference set's unedited scores and labels (and the bundle's source training
+                sample, which the guard checks too).
+            head: the bundle's unedited head (any label-shift offset is part of its logits).
             reference_weights: ``(N,)`` non-negative weights of the reference images for the target moments.
+
+        Raises:
+            ValueError: shapes that do not fit together, fewer than 2 site rows, an edited head or bad weights.
         """
         S = np.asarray(site_scores, dtype=np.float64)
-        R = np.asarray(reference_scores, dtype=np.float64)
-        U = (
-            np.zeros((0, R.shape[1]))
-            if unlabelled_reference_scores is None
-            else np.asarray(unlabelled_reference_scores, dtype=np.float64)
-        )
-        if S.ndim != 2 or R.ndim != 2 or S.shape[1] != R.shape[1] or U.shape[1] != R.shape[1]:
-            raise ValueError(f"site {S.shape}, reference {R.shape} and unlabelled {U.shape} scores must share K")
-        if len(S) < 2 or len(R) < 2 or not (np.isfinite(S).all() and np.isfinite(R).all()):
+        reference.check_head(head)
+        if head.has_edit:
+            raise ValueError("the calibration is fitted on the unedited head (the edit is searched after it)")
+        R, U = reference.scores, reference.unlabelled
+        if S.ndim != 2 or S.shape[1] != R.shape[1]:
+            raise ValueError(f"site scores {S.shape} and reference scores {R.shape} must share K")
+        if len(S) < 2 or len(R) < 2 or not np.isfinite(S).all():
             raise ValueError("site and reference scores need at least 2 finite rows each")
         K = S.shape[1]
         w = np.ones(len(R)) if reference_weights is None else np.asarray(reference_weights, dtype=np.float64)
@@ -146,9 +145,9 @@ class ConceptCalibrator:
             raise ValueError("reference_weights must be (N,) non-negative with a positive sum")
         self.concept_ids_ = self.concept_ids or [f"concept{k}" for k in range(K)]
         self.space_ = calibration_space(S, R, U)
-        self._W, self._b = np.asarray(weight, dtype=np.float64), np.asarray(bias, dtype=np.float64)
+        self._W, self._b = head.weight, head.bias + head.offset
         proposals = self._proposals(_to_space(S, self.space_), _to_space(R, self.space_), w)
-        self._guard(proposals, R, np.asarray(reference_labels, dtype=np.int64), U)
+        self._guard(proposals, R, reference.labels, U)
         return self
 
     def _proposals(self, us: np.ndarray, ur: np.ndarray, w: np.ndarray) -> list[dict[str, float]]:

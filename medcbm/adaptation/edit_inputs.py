@@ -40,7 +40,7 @@ class _FitData(NamedTuple):
     """:meth:`ConceptEditSearch.fit`'s inputs, checked and as float64 / int64 arrays."""
 
     W: np.ndarray  # (C, K) head weight
-    b: np.ndarray  # (C,) head bias
+    b: np.ndarray  # (C,) head bias plus any label-shift offset
     neutral: np.ndarray  # (K,)
     S: np.ndarray  # (n, K) support scores
     y: np.ndarray  # (n,) support labels
@@ -51,44 +51,25 @@ class _FitData(NamedTuple):
 
 
 def _fit_inputs(
-    support_scores: Any,
-    support_labels: Any,
-    weight: Any,
-    bias: Any,
-    neutral: Any,
-    reference_scores: Any,
-    reference_labels: Any,
-    source_class_means: Any,
-    unlabelled_reference_scores: Any,
+    support_scores: Any, support_labels: Any, head: Any, reference: Any, source_class_means: Any
 ) -> _FitData:
-    """Check and convert :meth:`ConceptEditSearch.fit`'s arguments (documented there); the head comes first, as
-    every other shape is checked against it.
+    """Check and convert :meth:`ConceptEditSearch.fit`'s arguments (documented there) against the head.
 
     Raises:
-        ValueError: shapes or values that do not fit together, or an empty support set.
+        ValueError: shapes or values that do not fit together, an edited head, or an empty support set.
     """
-    W = _as_2d(weight, "weight")
+    if head.has_edit:
+        raise ValueError("the edit is searched from a head without one (remove the loaded adaptation first)")
+    W, n0 = head.weight, head.neutral
     C, K = W.shape
-    b = np.asarray(bias, dtype=np.float64).reshape(-1)
-    n0 = np.asarray(neutral, dtype=np.float64).reshape(-1)
-    if b.shape != (C,) or n0.shape != (K,):
-        raise ValueError(f"bias {b.shape} / neutral {n0.shape} do not match a head of shape {(C, K)}")
+    reference.check_head(head)
     S = _as_2d(support_scores, "support_scores")
     if S.shape[0] == 0:
         raise ValueError("the support set is empty (k = 0): give at least one labelled image per class")
     if S.shape[1] != K:
         raise ValueError(f"support_scores has {S.shape[1]} concepts, the head has {K}")
     y = _as_labels(support_labels, len(S), C, "support_labels")
-    R = _as_2d(reference_scores, "reference_scores")
-    if R.shape[1] != K or len(R) == 0:
-        raise ValueError(f"reference_scores must be (N > 0, {K}), got {R.shape}")
-    yr = _as_labels(reference_labels, len(R), C, "reference_labels")
-    if unlabelled_reference_scores is None:
-        U = np.zeros((0, K))
-    else:
-        U = _as_2d(unlabelled_reference_scores, "unlabelled_reference_scores")
-        if U.shape[1] != K:
-            raise ValueError(f"unlabelled_reference_scores has {U.shape[1]} concepts, the head has {K}")
+    R, yr = reference.scores, reference.labels
     if source_class_means is None:
         mus = np.tile(n0, (C, 1))  # a class absent from the reference set keeps the neutral value
         for c in np.unique(yr):
@@ -97,7 +78,7 @@ def _fit_inputs(
         mus = _as_2d(source_class_means, "source_class_means")
         if mus.shape != (C, K):
             raise ValueError(f"source_class_means must be {(C, K)}, got {mus.shape}")
-    return _FitData(W, b, n0, S, y, R, yr, U, mus)
+    return _FitData(W, head.bias + head.offset, n0, S, y, R, yr, reference.unlabelled, mus)
 
 
 def _source_spread(R: np.ndarray, yr: np.ndarray, C: int) -> np.ndarray:

@@ -43,8 +43,9 @@ from typing import Sequence
 import numpy as np
 
 from ..metrics import balanced_accuracy
-from ..networks import edited_scores
+from ..networks import HeadArrays, edited_scores
 from .edit_inputs import _as_2d, _fit_inputs, _source_spread
+from .reference_scores import ReferenceScores
 from .source_guard import allowed_losses, guard_set
 from .spec import AdaptationSpec
 
@@ -98,7 +99,7 @@ class ConceptEditSearch:
     Example::
 
         search = ConceptEditSearch(class_names=bundle.class_names, concept_ids=bundle.concept_ids)
-        search.fit(support_scores, support_y, W, b, neutral, ref.scores, ref.labels)
+        search.fit(support_scores, support_y, bundle.head_arrays(), ReferenceScores.of_bundle(bundle))
         network.set_edit(torch.as_tensor(search.mask_), torch.as_tensor(search.gain_))
     """
 
@@ -135,43 +136,29 @@ class ConceptEditSearch:
         self,
         support_scores: np.ndarray,
         support_labels: np.ndarray,
-        weight: np.ndarray,
-        bias: np.ndarray,
-        neutral: np.ndarray,
-        reference_scores: np.ndarray,
-        reference_labels: np.ndarray,
+        head: HeadArrays,
+        reference: ReferenceScores,
         source_class_means: np.ndarray | None = None,
-        unlabelled_reference_scores: np.ndarray | None = None,
     ) -> "ConceptEditSearch":
         """Search the edit.
 
         Args:
             support_scores: ``(n, K)`` UNEDITED concept scores of the labelled target images.
             support_labels: ``(n,)`` class indices.
-            weight / bias: the head, ``(C, K)`` / ``(C,)``.
-            neutral: ``(K,)`` value a masked concept takes (the network's ``neutral``).
-            reference_scores / reference_labels: the source reference set ``(N, K)`` / ``(N,)`` (unedited),
-                for the source guard (and the source class means when not given).
+            head: the head the edit is searched for, without an edit (its ``neutral`` is the value a masked
+                concept takes; a site fit's label-shift offset, when set, is part of its logits).
+            reference: the source reference set ``(N, K)`` / ``(N,)`` (unedited; calibrated when a site
+                calibration runs before the edit) for the source guard (and the source class means when not
+                given); its unlabelled sample (the bundle's training images) counts a changed prediction as a
+                loss too.
             source_class_means: ``(C, K)`` mean source score per class; computed from the reference set
                 when ``None`` (a class absent there falls back to ``neutral``).
-            unlabelled_reference_scores: ``(M, K)`` unedited scores of more source images without labels (the
-                bundle's sample of training images); the guard counts a changed prediction there as a loss.
 
         Raises:
             ValueError: shapes or values that do not fit together, or an empty support set.
         """
         t0 = time.perf_counter()
-        d = _fit_inputs(
-            support_scores,
-            support_labels,
-            weight,
-            bias,
-            neutral,
-            reference_scores,
-            reference_labels,
-            source_class_means,
-            unlabelled_reference_scores,
-        )
+        d = _fit_inputs(support_scores, support_labels, head, reference, source_class_means)
         S, y, R, yr, U = d.S, d.y, d.R, d.yr, d.U
         C, K = d.W.shape
         self._set_names(C, K)

@@ -29,8 +29,6 @@ __all__ = ["em_class_prior", "LabelShiftEstimator"]
 _FLOOR = 1e-4  # smallest prior used in a log-ratio
 
 
-
-
 def em_class_prior(
     proba: np.ndarray, source_prior: np.ndarray, max_iter: int = 1000, tol: float = 1e-8
 ) -> tuple[np.ndarray, int]:

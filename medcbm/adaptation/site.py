@@ -17,7 +17,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .calibration import ConceptCalibrator
-from ..metrics import softmax
+from ..networks import HeadArrays
+from .reference_scores import ReferenceScores
 from .label_shift import LabelShiftEstimator
 
 __all__ = ["SiteFit", "fit_site_adaptation"]
@@ -55,11 +56,8 @@ class SiteFit:
 
 def fit_site_adaptation(
     site_scores: np.ndarray,
-    reference_scores: np.ndarray,
-    reference_labels: np.ndarray,
-    weight: np.ndarray,
-    bias: np.ndarray,
-    unlabelled_reference_scores: np.ndarray | None = None,
+    reference: ReferenceScores,
+    head: HeadArrays,
     class_names: Sequence[str] | None = None,
     concept_ids: Sequence[str] | None = None,
     calibrate: bool = True,
@@ -72,18 +70,18 @@ def fit_site_adaptation(
 
     Args:
         site_scores: unedited concept scores of the unlabelled site sample.
-        reference_scores / reference_labels: the source reference set (unedited) and its labels.
-        weight / bias: the bundle's head.
-        unlabelled_reference_scores: the bundle's source training sample (the calibration guard checks it too).
+        reference: the source reference set (unedited scores, labels and the bundle's source training sample,
+            which the calibration guard checks too).
+        head: the bundle's unedited head (:meth:`medcbm.bundle.LoadedBundle.head_arrays`).
         class_names / concept_ids: for the stored tables and reasons.
         calibrate / label_shift: switch either part off (benchmarks compare them).
         rounds: most calibration / EM alternations (stops early when the class weights no longer change).
         calibrator / estimator: configured but unfitted instances (defaults otherwise).
     """
-    W, b = np.asarray(weight, np.float64), np.asarray(bias, np.float64)
-    R, yr = np.asarray(reference_scores, np.float64), np.asarray(reference_labels, np.int64)
-    C = W.shape[0]
-    source_prior = softmax(R @ W.T + b).mean(0)
+    reference.check_head(head)
+    R, yr = reference.scores, reference.labels
+    C = head.weight.shape[0]
+    source_prior = head.probabilities(R).mean(0)
     freq = np.maximum(np.bincount(yr, minlength=C) / len(yr), 1e-12)
     class_w = np.ones(C)
     cal: ConceptCalibrator | None = None
@@ -92,11 +90,11 @@ def fit_site_adaptation(
     for done in range(1, max(1, int(rounds)) + 1):
         if calibrate:
             cal = _clone(calibrator, ConceptCalibrator, concept_ids=concept_ids)
-            cal.fit(site_scores, R, yr, W, b, unlabelled_reference_scores, reference_weights=class_w[yr])
+            cal.fit(site_scores, reference, head, reference_weights=class_w[yr])
         if not label_shift:
             break
         S = cal.transform(site_scores) if cal is not None else np.asarray(site_scores, np.float64)
-        ls = _clone(estimator, LabelShiftEstimator, class_names=class_names).fit(S @ W.T + b, source_prior)
+        ls = _clone(estimator, LabelShiftEstimator, class_names=class_names).fit(head.logits(S), source_prior)
         new_w = ls.site_prior_ / freq if ls.applied_ else np.ones(C)
         if not calibrate or np.allclose(new_w, class_w, rtol=0, atol=1e-6):
             break

@@ -108,9 +108,7 @@ class AdaptationSpec:
             if not isinstance(cid, str):
                 raise AdaptationSpecError(f"{w}'gain' key {cid!r} is not a concept id string")
             if not _finite_number(g) or g < 0:
-                raise AdaptationSpecError(
-                    f"{w}gain for concept {cid!r} must be a finite number >= 0, got {g!r}"
-                )
+                raise AdaptationSpecError(f"{w}gain for concept {cid!r} must be a finite number >= 0, got {g!r}")
         both = sorted(set(self.mask) & set(self.gain))
         if both:
             raise AdaptationSpecError(f"{w}concepts {both} are both masked and amplified; an edit is one or the other")

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..adaptation import AdaptationSpec, ConceptEditSearch
+from ..adaptation import AdaptationSpec, ConceptEditSearch, ReferenceScores
 from ..site_shift import concept_shift_report
 from ..adaptation.site import SiteFit, fit_site_adaptation
 from ..adaptation.support import SupportSet, SupportSetError, _listing, read_support_set
@@ -56,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 ADAPTATION_FILE = "adaptation.json"
 REPORT_FILE = "adaptation_report.json"
+
 
 class NoReferenceSetError(MedcbmUserError, FileNotFoundError):
     """The bundle carries no source reference set, so the source guard cannot check an edit."""
@@ -194,14 +195,10 @@ class AdaptationRunner(BundleJob):
         """Encode and check the site sample, then fit calibration and label shift; also returns its raw scores."""
         encode_site_sample(site, self._engine(bundle, "site sample", cache=False), self.site_alarm_ratio)
         scores = self._raw_scores(bundle, site.features)
-        ref, net, head = bundle.reference, bundle.network, bundle.head_arrays()
         fit = fit_site_adaptation(
             scores,
-            ref.scores,
-            ref.labels,
-            head.weight,
-            head.bias,
-            ref.unlabelled_scores(net),
+            ReferenceScores.of_bundle(bundle),
+            bundle.head_arrays(),
             bundle.class_names,
             bundle.concept_ids,
             calibrate=self.calibrate,
@@ -211,30 +208,17 @@ class AdaptationRunner(BundleJob):
 
     def _search(self, bundle: LoadedBundle, scores: np.ndarray, labels: np.ndarray, site: SiteFit | None):
         """The labelled edit search on (calibrated) support scores, guarded on the (calibrated) reference set."""
-        ref, head = bundle.reference, bundle.head_arrays()
-        unlabelled = ref.unlabelled_scores(bundle.network)
-        b = head.bias
+        reference, head = ReferenceScores.of_bundle(bundle), bundle.head_arrays()
         if site is not None:  # the edit is searched on top of the site calibration and offset, as it will run
-            scores, unlabelled = site.calibrate(scores), site.calibrate(unlabelled)
-            b = b + site.offset
+            scores, reference = site.calibrate(scores), reference.mapped(site.calibrate)
+            head = head.with_offset(site.offset)
         search = ConceptEditSearch(
             gamma_max=self.gamma_max,
             guard_tolerance=self.guard_tolerance,
             class_names=bundle.class_names,
             concept_ids=bundle.concept_ids,
         )
-        ref_scores = site.calibrate(ref.scores) if site is not None else ref.scores
-        return search.fit(
-            scores,
-            labels,
-            head.weight,
-            b,
-            head.neutral,
-            ref_scores,
-            ref.labels,
-            bundle.source_class_means,
-            unlabelled_reference_scores=unlabelled,
-        )
+        return search.fit(scores, labels, head, reference, bundle.source_class_means)
 
     def _run(self) -> AdaptationSpec:
         t0 = time.perf_counter()
