@@ -403,16 +403,22 @@ def test_blood_adapts_to_another_laboratory_through_the_bundle_command(tmp_path)
         "--adaptation",
         str(tmp_path / "adapt" / ADAPTATION_FILE),
     )
-    ba = {}
+    ba, rows = {}, {}
     for name in ("plain", "adapted"):
-        out = _predictions(tmp_path / name)
+        out = rows[name] = _predictions(tmp_path / name)
         assert len(out) == len(rest) and all(r["status"] == "ok" for r in out)
         ba[name] = balanced_accuracy(np.array([r["label"] for r in out]), np.array([r["prediction"] for r in out]))
-    edited = spec["mask"] or spec["gain"]
-    if edited:
-        assert ba["adapted"] > ba["plain"], (ba, spec["reasons"])
-    else:
+    # the stored edit is what inference applies: scaled concepts by their gain, masked ones at a constant
+    for cid, gain in spec["gain"].items():
+        plain, adapted = (np.array([float(r[f"concept_{cid}"]) for r in rows[n]]) for n in ("plain", "adapted"))
+        np.testing.assert_allclose(adapted, gain * plain, rtol=1e-3, atol=1e-4)
+    for cid in spec["mask"]:
+        assert len({r[f"concept_{cid}"] for r in rows["adapted"]}) == 1
+    if not (spec["mask"] or spec["gain"]):
         assert ba["adapted"] == ba["plain"]
+    # one draw of a k = 4 support is a single measurement, not a promise (benchmarks/adaptation.py averages
+    # draws); an edit that passed the source guard must not wreck the site's unseen cells either
+    assert ba["adapted"] >= ba["plain"] - 0.02, (ba, spec["reasons"])
     print(json.dumps({"balanced_accuracy": ba, "edited": list(spec["reasons"])}), file=sys.stderr)
 
 
