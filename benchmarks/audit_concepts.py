@@ -28,7 +28,8 @@ from medcbm.bundle import LoadedBundle
 from medcbm.concepts import load_concept_bank
 from medcbm.data import InputRecord
 from medcbm.datasets.isic2017_features import EXPERT_FEATURE_CONCEPTS
-from medcbm.workflows.audit import audit_bundle
+from medcbm.audit.run import AuditOptions, audit_bundle
+
 
 def _cell(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
@@ -110,7 +111,7 @@ def run(bundle_name: str, concepts_file: str | None = None) -> dict:
         }
         out["split_of"] = {"measured": "isic2017_official_val", "expert_structures": "test"}
     for name, records in sets.items():
-        entries, audit, _, _ = audit_bundle(bundle, records, max_cards=0, batch_size=32)
+        entries, audit, _, _ = audit_bundle(bundle, records, AuditOptions(max_cards=0), batch_size=32)
         out["label_sets"][name] = _summary(entries, audit)
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out

@@ -34,7 +34,7 @@ from medcbm.bundle import LoadedBundle
 from medcbm.data import InputRecord
 from medcbm.datasets.paths import shared_data_root
 from medcbm.io.atomic import atomic_write_json
-from medcbm.workflows.audit import audit_bundle
+from medcbm.audit.run import AuditOptions, audit_bundle
 
 DATASET = "bccd_test72"
 
@@ -91,7 +91,7 @@ def run(bundle_name: str, concepts_file: str | None, location_concepts: int) -> 
     bundle = LoadedBundle.load(REPO / "bundles" / bundle_name, concepts_file=bank)
     records, n_wbc = field_records(root / DATASET)
     entries, audit, _, _ = audit_bundle(
-        bundle, records, max_cards=0, batch_size=16, location_concepts=location_concepts
+        bundle, records, AuditOptions(max_cards=0, location_concepts=location_concepts), batch_size=16
     )
     ok = [e for e in entries if e.get("status") == "ok"]
     return {

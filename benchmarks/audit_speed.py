@@ -40,14 +40,25 @@ def one(bundle: str, n: int, threads: int, cards: int, concepts_file: str | None
         csv_path = Path(tmp) / "in.csv"
         csv_path.write_text("image,label\n" + "".join(f"{r['image']},{r['label']}\n" for r in recs))
         t1 = time.perf_counter()
-        AuditRunner(REPO / "bundles" / bundle, Path(tmp) / "out", input=csv_path, bundle=b, max_cards=cards,
-                    progress=False, exit_on_error=False).run()
+        AuditRunner(
+            REPO / "bundles" / bundle,
+            Path(tmp) / "out",
+            input=csv_path,
+            bundle=b,
+            max_cards=cards,
+            progress=False,
+            exit_on_error=False,
+        ).run()
         audit_s = time.perf_counter() - t1
         report_mb = (Path(tmp) / "out" / "report.html").stat().st_size / 2**20
     _ = InputRecord  # keep the import: records are built by the runner from the CSV
     return {
-        "bundle": bundle, "n_images": len(recs), "cards": min(cards, len(recs)), "threads": threads,
-        "load_seconds": round(load_s, 2), "audit_seconds": round(audit_s, 2),
+        "bundle": bundle,
+        "n_images": len(recs),
+        "cards": min(cards, len(recs)),
+        "threads": threads,
+        "load_seconds": round(load_s, 2),
+        "audit_seconds": round(audit_s, 2),
         "seconds_per_image": round(audit_s / max(len(recs), 1), 4),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "report_mb": round(report_mb, 2),
@@ -68,8 +79,19 @@ def main() -> None:
         return
     out = {"n": args.n, "threads": args.threads, "cards": args.cards, "bundles": {}}
     for b in args.bundle:
-        cmd = [sys.executable, __file__, "--child", "--bundle", b, "--n", str(args.n), "--threads", str(args.threads),
-               "--cards", str(args.cards)] + (["--concepts-file", args.concepts_file] if args.concepts_file else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            "--bundle",
+            b,
+            "--n",
+            str(args.n),
+            "--threads",
+            str(args.threads),
+            "--cards",
+            str(args.cards),
+        ] + (["--concepts-file", args.concepts_file] if args.concepts_file else [])
         p = subprocess.run(cmd, capture_output=True, text=True)
         if p.returncode != 0:
             out["bundles"][b] = {"error": (p.stderr.strip().splitlines() or ["failed"])[-1]}

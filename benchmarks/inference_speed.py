@@ -107,10 +107,10 @@ def _run_job(bundle_name: str, inp: Path, out: Path, batch_size: int, workers: i
     code = f"""
 import json, resource, sys, time, torch
 sys.path.insert(0, {str(REPO)!r})
-torch.set_num_threads(int({os.environ.get('BENCH_THREADS', '2')!r}))
+torch.set_num_threads(int({os.environ.get("BENCH_THREADS", "2")!r}))
 from medcbm.bundle import LoadedBundle
 from medcbm.workflows import InferenceRunner
-b = LoadedBundle.load({str(REPO / 'bundles' / bundle_name)!r})
+b = LoadedBundle.load({str(REPO / "bundles" / bundle_name)!r})
 t0 = time.perf_counter()
 r = InferenceRunner(output_dir={str(out)!r}, input={str(inp)!r}, bundle=b, batch_size={batch_size},
                     num_workers={workers}, progress=False, exit_on_error=False)
@@ -181,15 +181,36 @@ def torchrun_compare(bundle_name: str, images: list[str], tmp: Path, batch_size:
     for n in (1, 2):
         target = tmp / f"tr_out_{n}"
         args = [
-            "--bundle_root", B, "--meta_file", f"{B}/configs/metadata.json", "--workflow_type", "infer",
-            "--input", str(inp), "--output_dir", str(target), "--batch_size", str(batch_size), "--num_workers", "0",
+            "--bundle_root",
+            B,
+            "--meta_file",
+            f"{B}/configs/metadata.json",
+            "--workflow_type",
+            "infer",
+            "--input",
+            str(inp),
+            "--output_dir",
+            str(target),
+            "--batch_size",
+            str(batch_size),
+            "--num_workers",
+            "0",
         ]
         if n == 1:
             cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", f"{B}/configs/inference.yaml", *args]
         else:
             cmd = [
-                sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle", "run",
-                "--config_file", f"['{B}/configs/inference.yaml','{B}/configs/multi_gpu_inference.yaml']", *args,
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "2",
+                "-m",
+                "monai.bundle",
+                "run",
+                "--config_file",
+                f"['{B}/configs/inference.yaml','{B}/configs/multi_gpu_inference.yaml']",
+                *args,
             ]
         env = {**os.environ, "MEDCBM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
         t0 = time.perf_counter()

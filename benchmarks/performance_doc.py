@@ -1,7 +1,7 @@
 # Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
 """Write docs/performance.md's generated block from benchmarks/results/inference_speed.json.
 
-    python benchmarks/performance_doc.py [--check]
+python benchmarks/performance_doc.py [--check]
 """
 
 from __future__ import annotations
@@ -30,8 +30,14 @@ def render(d: dict) -> str:
             f"{p.get('bundle_job_img_per_s_workers_2')} | {p.get('ratio_workers_0')} / {p.get('ratio_workers_2')} |"
         )
     s, t = d.get("scaling_blood_cbm"), d.get("torchrun_blood_cbm")
-    lines = [BEGIN, f"Generated from `benchmarks/results/inference_speed.json` ({d['threads']} threads, "
-             f"batch {d['batch_size']}, {d['cpu_count']} CPU cores, torch {d['torch']}).", "", *rows, ""]
+    lines = [
+        BEGIN,
+        f"Generated from `benchmarks/results/inference_speed.json` ({d['threads']} threads, "
+        f"batch {d['batch_size']}, {d['cpu_count']} CPU cores, torch {d['torch']}).",
+        "",
+        *rows,
+        "",
+    ]
     if s:
         lines.append(
             f"Scaling (blood_cbm, fresh process per size): {s['img_per_s']['1000']} img/s at 1,000 inputs, "

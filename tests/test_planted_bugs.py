@@ -27,6 +27,7 @@ from medcbm.bundle import LoadedBundle
 from medcbm.concepts import ConceptBank
 from medcbm.data import InputRecord, list_inputs
 from medcbm.metrics import softmax
+from medcbm.audit.run import AuditOptions
 from medcbm.workflows.audit import audit_bundle, explain, what_if_values
 from medcbm.concept_labels import concept_labels_from_records, parse_concept_label
 from test_workflows import _fit_toy_bundle
@@ -56,7 +57,7 @@ def _image_csv(path, images):
 
 
 def _audit(bundle, records):
-    return audit_bundle(bundle, records, max_cards=0, progress=False, location_concepts=0)
+    return audit_bundle(bundle, records, AuditOptions(max_cards=0, location_concepts=0), progress=False)
 
 
 # ------------------------------------------------------------------------------------------------ 1. deletion

@@ -79,8 +79,6 @@ def parse_what_if(spec: Any, concept_ids: Sequence[str]) -> dict[int, str | floa
     return out
 
 
-
-
 @dataclass(frozen=True)
 class _WhatIf:
     """The head in float64 and the per-concept off / present / absent values, to replay edited scores."""

@@ -17,6 +17,7 @@ from .location import parse_boxes
 
 __all__ = ["concept_labels_from_records", "location_boxes_from_records"]  # the first re-exported
 
+
 def location_boxes_from_records(records: Sequence[InputRecord], source: str = "input") -> list[list[tuple]] | None:
     """Boxes per record from a ``box`` column (``"x0 y0 x1 y1"`` in original pixels, several separated by ``;``),
     or ``None`` when the input has no such column.

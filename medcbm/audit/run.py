@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from ..bundle import LoadedBundle
 from ..data import InputRecord
@@ -30,27 +29,45 @@ from .location import InputGeometry, LocationItem, location_audit
 from .maps import ConceptMapper, denormalize, overlay
 from .report import ImageCard
 
-__all__ = ["audit_bundle", "summary_rows"]
+__all__ = ["AuditOptions", "audit_bundle", "summary_rows"]
 
 logger = logging.getLogger(__name__)
 Arrays = dict[int, dict[str, np.ndarray]]  # per readable record: edited and unedited scores, contributions
 
 
+@dataclass(frozen=True)
+class AuditOptions:
+    """What the audit shows and checks (the ``audit.yaml`` options of the same names).
+
+    Attributes:
+        top_k: top concepts listed per image.
+        max_cards, maps_per_image, map_method: the report's cards and their concept maps (``map_method``:
+            ``auto`` or one of ``medcbm.audit.MAP_METHODS``).
+        what_if: the user's intervention (see :func:`medcbm.audit.explain.parse_what_if`).
+        location_concepts, min_box_visible: the location check (``0`` concepts: none; a box counts when that
+            fraction of it survives the preprocessing's crop).
+    """
+
+    top_k: int = 5
+    max_cards: int = 24
+    maps_per_image: int = 3
+    map_method: str = "auto"
+    what_if: Any = None
+    location_concepts: int = 3
+    min_box_visible: float = 0.5
+
+    def __post_init__(self) -> None:
+        for name in ("top_k", "max_cards", "maps_per_image", "location_concepts"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "min_box_visible", float(self.min_box_visible))
+
+
 def audit_bundle(
     bundle: LoadedBundle,
     records: Sequence[InputRecord],
-    device: str | torch.device = "cpu",
-    batch_size: int = 16,
-    num_workers: int = 0,
-    top_k: int = 5,
-    max_cards: int = 24,
-    maps_per_image: int = 3,
-    map_method: str = "auto",
-    what_if: Any = None,
-    progress: bool = False,
+    options: AuditOptions | None = None,
     source: str = "input",
-    location_concepts: int = 3,
-    min_box_visible: float = 0.5,
+    **engine_options: Any,
 ) -> tuple[list[dict[str, Any]], dict[str, Any], list[ImageCard], dict[str, Any]]:
     """Audit ``records`` with ``bundle``: ``(explanations, model_audit, cards, report_meta)``.
 
@@ -63,25 +80,22 @@ def audit_bundle(
     Args:
         bundle: the loaded bundle.
         records: the images (with ``label``, ``concept_<id>`` and ``box`` columns where given).
-        device, batch_size, num_workers, progress: for the :class:`~medcbm.engine.PredictionEngine`.
-        top_k: top concepts listed per image.
-        max_cards, maps_per_image, map_method: the report's cards and their concept maps.
-        what_if: the user's intervention (see :func:`medcbm.audit.explain.parse_what_if`).
+        options: what to show and check (:class:`AuditOptions`; its defaults when ``None``).
         source: the input's name, for error messages.
-        location_concepts, min_box_visible: the location check (see above; ``0`` concepts: none).
+        engine_options: ``device``, ``batch_size``, ``num_workers``, ``progress`` (off by default) of the
+            :class:`~medcbm.engine.PredictionEngine` that reads the images.
 
     Raises:
         InputListError: a bad ``what_if``, concept label or box cell (one line naming it).
     """
+    o = options or AuditOptions()
     ids = bundle.concept_ids
     hi, lo, wi_rule = what_if_values(bundle)
-    user_wi = parse_what_if(what_if, ids)
+    user_wi = parse_what_if(o.what_if, ids)
     labels, unused = concept_labels_from_records(records, ids, source)
     boxes = location_boxes_from_records(records, source)
-    engine = PredictionEngine(
-        bundle, device=device, batch_size=batch_size, num_workers=num_workers, progress=progress, desc="audit"
-    )
-    entries, arrays = _explain_records(bundle, records, engine, hi, lo, top_k, user_wi, labels)
+    engine = PredictionEngine(bundle, **{"progress": False, **engine_options, "desc": "audit"})
+    entries, arrays = _explain_records(bundle, records, engine, hi, lo, o.top_k, user_wi, labels)
     ok = sorted(arrays)
     audit, meta = _audit_header(bundle, len(records), len(ok), wi_rule)
     if not ok:
@@ -89,11 +103,11 @@ def audit_bundle(
         audit.update(prior_agreement=M.prior_agreement(W, bundle.prior, bundle.class_names, ids))
         return entries, audit, [], meta
     _model_metrics(bundle, records, entries, arrays, ok, labels, unused, audit, meta)
-    with_box = {i for i in ok if boxes is not None and boxes[i]} if location_concepts > 0 else set()
-    mapper = _concept_mapper(bundle, map_method, max_cards > 0 or bool(with_box), audit, meta)
-    plan = _MapPlan(set(ok[:max_cards]), with_box, maps_per_image, location_concepts)
+    with_box = {i for i in ok if boxes is not None and boxes[i]} if o.location_concepts > 0 else set()
+    mapper = _concept_mapper(bundle, o.map_method, o.max_cards > 0 or bool(with_box), audit, meta)
+    plan = _MapPlan(set(ok[: o.max_cards]), with_box, o.maps_per_image, o.location_concepts)
     cards, loc_items = _cards_and_maps(bundle, records, entries, ok, boxes, plan, mapper)
-    _location_results(loc_items, with_box, mapper, entries, audit, meta, min_box_visible)
+    _location_results(loc_items, with_box, mapper, entries, audit, meta, o.min_box_visible)
     return entries, audit, cards, meta
 
 

@@ -69,16 +69,12 @@ class AdaptationRunner(BundleJob):
         bundle_root: the bundle folder.
         output_dir: where ``adaptation.json`` goes.
         support: the support CSV (columns ``image``, ``label``); optional when ``site_images`` is given.
-        models_dir: a models folder written by ``train.yaml`` (default ``<bundle_root>/models``).
-        device, batch_size, num_workers: as for inference.
         cache_dir: optional feature cache folder (support images; the site sample is always read, so that its
             images are checked).
         gamma_max: largest gain factor; guard_tolerance: largest allowed source accuracy drop (0.005 = 0.5 points),
             for the edit and, separately, for the calibration.
-        progress: show a progress bar.
-        exit_on_error: CLI behaviour (a user error ends in one line and exit 2); ``False`` raises instead.
-        bundle: an already loaded bundle (the loading arguments are then ignored); its current adaptation is
-            ignored: the job always starts from the shipped network.
+        job: the options every job has (see :class:`~medcbm.workflows.job.BundleJob`); an ``adaptation`` (given,
+            or loaded with a given ``bundle``) is removed first: the job always starts from the shipped network.
         site_images: a folder or CSV of unlabelled images of the site (calibration and label shift).
         min_site_images: fewest site images accepted.
         calibrate / label_shift: fit the concept calibration / the label-shift offset from the site sample.
@@ -97,24 +93,18 @@ class AdaptationRunner(BundleJob):
         bundle_root: str | Path = ".",
         output_dir: str | Path = "adapt",
         support: str | Path | None = None,
-        models_dir: str | Path | None = None,
-        device: str | torch.device = "cpu",
-        batch_size: int = 16,
-        num_workers: int = 0,
+        *,
+        site_images: str | Path | None = None,
         cache_dir: str | Path | None = None,
         gamma_max: float = 3.0,
         guard_tolerance: float = 0.005,
-        progress: bool = True,
-        exit_on_error: bool = True,
-        bundle: LoadedBundle | None = None,
-        site_images: str | Path | None = None,
         min_site_images: int = MIN_SITE_IMAGES,
         calibrate: bool = True,
         label_shift: bool = True,
         site_alarm_ratio: float = 2.0,
+        **job: Any,
     ) -> None:
-        job = (bundle_root, output_dir, device, batch_size, num_workers, progress, exit_on_error, bundle)
-        self._init_job(*job, models_dir=models_dir)
+        super().__init__(bundle_root, output_dir, **job)
         self.support = optional(support)
         self.site_images = optional(site_images)
         self.min_site_images = int(min_site_images)

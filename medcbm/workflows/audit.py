@@ -17,17 +17,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..audit.explain import WHAT_IF_ACTIONS, explain, what_if_values
 from ..audit.inputs import concept_labels_from_records, location_boxes_from_records
 from ..audit.report import write_report
-from ..audit.run import audit_bundle, summary_rows
-from ..bundle import LoadedBundle
+from ..audit.run import AuditOptions, audit_bundle, summary_rows
 from ..io.atomic import atomic_write_json, atomic_write_text
 from .cli import check_output_dir
-from .job import BundleJob, input_records
-from ..options import optional
+from .job import ImageJob
 
 __all__ = [
     "AuditRunner",
@@ -43,21 +40,19 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class AuditRunner(BundleJob):
+class AuditRunner(ImageJob):
     """The ``configs/audit.yaml`` job: writes ``report.html``, ``explanations.jsonl``, ``model_audit.json``.
 
     Args:
-        bundle_root, output_dir, input: as for inference (``input=None``: the bundle's example images).
-        models_dir, backbone, pretrained, adaptation, channel_mode: see :meth:`LoadedBundle.load`.
-        device, batch_size, num_workers: as for inference.
-        top_k: top concepts listed per image; max_cards: images shown as cards (the rest in a table);
+        bundle_root, output_dir, input, modality, top_k: see :class:`~medcbm.workflows.job.ImageJob`
+            (``input=None``: the bundle's example images).
+        max_cards: images shown as cards (the rest in a table);
         maps_per_image: concept maps per card; map_method: ``auto`` or one of ``medcbm.audit.MAP_METHODS``.
         what_if: a user intervention applied to every image, ``{concept_id: off|present|absent|number}``.
         location_concepts: top concepts per image whose maps are checked against the input's ``box`` column;
         min_box_visible: fraction of a box that must survive the preprocessing's crop for it to count.
-        exit_on_error: CLI behaviour (exit 1 after writing everything if an input failed; exit 2 with one
-            line on a bad command); ``False`` returns the error count instead.
-        bundle: an already loaded bundle.
+        job: the options every job has (loading, device, batching, progress, ``exit_on_error``, an already
+            loaded ``bundle``): see :class:`~medcbm.workflows.job.BundleJob`.
     """
 
     def __init__(
@@ -65,35 +60,19 @@ class AuditRunner(BundleJob):
         bundle_root: str | Path = ".",
         output_dir: str | Path = "audit",
         input: str | Path | None = None,
-        models_dir: str | Path | None = None,
-        backbone: str | None = None,
-        pretrained: str | None = None,
-        adaptation: str | Path | None = None,
-        channel_mode: str | None = None,
-        modality: str = "blood",
-        device: str | torch.device = "cpu",
-        batch_size: int = 16,
-        num_workers: int = 0,
-        top_k: int = 5,
+        *,
         max_cards: int = 24,
         maps_per_image: int = 3,
         map_method: str = "auto",
         what_if: Any = None,
         location_concepts: int = 3,
         min_box_visible: float = 0.5,
-        progress: bool = True,
-        exit_on_error: bool = True,
-        bundle: LoadedBundle | None = None,
+        **job: Any,
     ) -> None:
-        job = (bundle_root, output_dir, device, batch_size, num_workers, progress, exit_on_error, bundle)
-        self._init_job(*job, models_dir=models_dir, backbone=backbone, pretrained=pretrained, adaptation=adaptation,
-                       channel_mode=channel_mode)  # fmt: skip
-        self.input = optional(input)
-        self.modality = modality
-        self.top_k, self.max_cards, self.maps_per_image = int(top_k), int(max_cards), int(maps_per_image)
-        self.map_method = map_method
-        self.what_if = what_if
-        self.location_concepts, self.min_box_visible = int(location_concepts), float(min_box_visible)
+        super().__init__(bundle_root, output_dir, input, **job)
+        self.options = AuditOptions(
+            self.top_k, max_cards, maps_per_image, map_method, what_if, location_concepts, min_box_visible
+        )
         self.summary: dict[str, Any] = {}
 
     def run(self) -> int:
@@ -106,22 +85,16 @@ class AuditRunner(BundleJob):
         t0 = time.perf_counter()
         check_output_dir(self.output_dir)
         bundle = self.load_bundle()
-        records, source = input_records(self.input, self.bundle_root, self.modality, self.output_dir)
+        records, source = self.input_records()
         entries, audit, cards, meta = audit_bundle(
             bundle,
             records,
+            self.options,
             device=self.device,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
-            top_k=self.top_k,
-            max_cards=self.max_cards,
-            maps_per_image=self.maps_per_image,
-            map_method=self.map_method,
-            what_if=self.what_if,
             progress=self.progress,
             source=source or "examples",
-            location_concepts=self.location_concepts,
-            min_box_visible=self.min_box_visible,
         )
         audit["seconds"] = round(time.perf_counter() - t0, 2)
         atomic_write_text(

@@ -32,8 +32,7 @@ from ..predictions import format_top_concepts, prediction_columns, prediction_ro
 from ..sinks import OutputLock, RowJournal, iter_ordered, write_csv_atomic
 from ..io.atomic import atomic_write_json as write_json_atomic
 from .cli import check_output_dir
-from .job import EXAMPLES_CSV, BundleJob, default_records, examples_csv, input_records
-from ..options import optional
+from .job import EXAMPLES_CSV, ImageJob, default_records, examples_csv
 
 # prediction_columns, format_top_concepts, top_concepts, explain_row (medcbm.predictions) and EXAMPLES_CSV,
 # examples_csv, default_records (.job) are re-exported here, where callers have always imported them from.
@@ -52,23 +51,16 @@ logger = logging.getLogger(__name__)
 explain_row = prediction_row  # the name this module has always exported
 
 
-class InferenceRunner(BundleJob):
+class InferenceRunner(ImageJob):
     """Runs a bundle over a folder or CSV of images and writes ``predictions.csv`` and ``run_summary.json``.
 
     Args:
-        bundle_root: the bundle folder.
-        output_dir: where the outputs go.
-        input: folder, CSV or image; ``None`` runs on the bundle's example images.
-        models_dir, backbone, pretrained, adaptation, channel_mode: see :meth:`LoadedBundle.load`.
-        modality: for generated samples when a bundle ships no examples.
-        device: torch device.
-        batch_size: images per forward pass; num_workers: DataLoader reader processes.
-        top_k: concepts listed per row.
+        bundle_root, output_dir, input, modality, top_k: see :class:`~medcbm.workflows.job.ImageJob`
+            (``input=None``: the bundle's example images).
         concept_columns: one ``concept_<id>`` column per concept score (after any edit).
         cache_dir: optional feature cache folder.
-        exit_on_error: the CLI behaviour (exit 1 after all rows if any row failed, exit 2 with one line
-            for a bad command); ``False`` returns / raises instead (the Python API).
-        bundle: an already loaded bundle (then the loading arguments are ignored).
+        job: the options every job has (loading, device, batching, progress, ``exit_on_error``, an already
+            loaded ``bundle``): see :class:`~medcbm.workflows.job.BundleJob`.
     """
 
     def __init__(
@@ -76,28 +68,12 @@ class InferenceRunner(BundleJob):
         bundle_root: str | Path = ".",
         output_dir: str | Path = "eval",
         input: str | Path | None = None,
-        models_dir: str | Path | None = None,
-        backbone: str | None = None,
-        pretrained: str | None = None,
-        adaptation: str | Path | None = None,
-        channel_mode: str | None = None,
-        modality: str = "blood",
-        device: str | torch.device = "cpu",
-        batch_size: int = 16,
-        num_workers: int = 0,
-        top_k: int = 5,
+        *,
         concept_columns: bool = True,
         cache_dir: str | Path | None = None,
-        progress: bool = True,
-        exit_on_error: bool = True,
-        bundle: LoadedBundle | None = None,
+        **job: Any,
     ) -> None:
-        job = (bundle_root, output_dir, device, batch_size, num_workers, progress, exit_on_error, bundle)
-        self._init_job(*job, models_dir=models_dir, backbone=backbone, pretrained=pretrained, adaptation=adaptation,
-                       channel_mode=channel_mode)  # fmt: skip
-        self.input = optional(input)
-        self.modality = modality
-        self.top_k = int(top_k)
+        super().__init__(bundle_root, output_dir, input, **job)
         self.concept_columns = bool(concept_columns)
         self.cache_dir = cache_dir
         self.summary: dict[str, Any] = {}
@@ -109,7 +85,7 @@ class InferenceRunner(BundleJob):
         return self._run_counting_errors("failed", lambda: self.summary.get("rows", "?"), where)
 
     def _records(self) -> tuple[list[InputRecord], bool]:
-        recs, source = input_records(self.input, self.bundle_root, self.modality, self.output_dir)
+        recs, source = self.input_records()
         if source is None:
             where = (
                 "example images shipped with the bundle"

@@ -3,8 +3,9 @@
 folder are, how the bundle is loaded, which images a job reads when none are given (the bundle's examples), and
 how a finished job with unreadable inputs ends on the command line.
 
-The runners keep their own explicit keyword arguments (the bundle configs instantiate them by name); this base
-only stores the common ones once.
+The options every job has (where the bundle is, how it is loaded, device and batching, progress, CLI behaviour)
+are declared and documented once, in :class:`BundleJob`; each runner declares only its own and passes the rest
+on (the bundle configs instantiate the runners by keyword).
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import torch
 
 from ..bundle import LoadedBundle
 from ..data import InputRecord, list_inputs, make_sample_inputs
+from ..options import is_unset, optional
 from .cli import cli_errors
 
-__all__ = ["BundleJob", "EXAMPLES_CSV", "examples_csv", "default_records", "input_records"]
+__all__ = ["BundleJob", "ImageJob", "EXAMPLES_CSV", "examples_csv", "default_records", "input_records"]
 
 EXAMPLES_CSV = Path("examples") / "examples.csv"
 
@@ -49,22 +51,38 @@ def input_records(
 
 
 class BundleJob:
-    """Common state of a bundle job; subclasses implement ``_run``."""
+    """Common state of a bundle job; subclasses implement ``_run``.
 
-    def _init_job(
+    Args:
+        bundle_root: the bundle folder.
+        output_dir: where the job writes.
+        models_dir, backbone, pretrained, adaptation, channel_mode: how the bundle is loaded (see
+            :meth:`LoadedBundle.load`; ``None`` keeps the bundle's own).
+        device: torch device.
+        batch_size: images per forward pass; num_workers: DataLoader reader processes.
+        progress: show a progress bar.
+        exit_on_error: the CLI behaviour (exit 1 after writing everything if an input failed, exit 2 with one
+            line for a bad command); ``False`` returns / raises instead (the Python API).
+        bundle: an already loaded bundle (then the loading arguments are ignored).
+    """
+
+    def __init__(
         self,
-        bundle_root: str | Path,
-        output_dir: str | Path,
-        device: str | torch.device,
-        batch_size: int,
-        num_workers: int,
-        progress: bool,
-        exit_on_error: bool,
-        bundle: LoadedBundle | None,
-        **load_args: Any,
+        bundle_root: str | Path = ".",
+        output_dir: str | Path = "out",
+        *,
+        models_dir: str | Path | None = None,
+        backbone: str | None = None,
+        pretrained: str | None = None,
+        adaptation: str | Path | None = None,
+        channel_mode: str | None = None,
+        device: str | torch.device = "cpu",
+        batch_size: int = 16,
+        num_workers: int = 0,
+        progress: bool = True,
+        exit_on_error: bool = True,
+        bundle: LoadedBundle | None = None,
     ) -> None:
-        """Store the arguments every job has; ``load_args`` go to :meth:`LoadedBundle.load` (``models_dir``,
-        ``backbone``, ``pretrained``, ``adaptation``, ``channel_mode``)."""
         self.bundle_root = Path(bundle_root)
         self.output_dir = Path(output_dir)
         self.device = torch.device(device)
@@ -73,7 +91,8 @@ class BundleJob:
         self.progress = progress
         self.exit_on_error = exit_on_error
         self.bundle = bundle
-        self.load_args = load_args
+        loading = dict(models_dir=models_dir, backbone=backbone, pretrained=pretrained, adaptation=adaptation)
+        self.load_args = {k: v for k, v in {**loading, "channel_mode": channel_mode}.items() if not is_unset(v)}
 
     def load_bundle(self) -> LoadedBundle:
         """The bundle given to the constructor, else the one at ``bundle_root`` loaded with ``load_args``."""
@@ -91,3 +110,34 @@ class BundleJob:
 
     def _run(self) -> Any:  # pragma: no cover - each job defines it
         raise NotImplementedError
+
+
+class ImageJob(BundleJob):
+    """A job over the user's images (inference, audit): a folder, CSV or image, or the bundle's examples.
+
+    Args:
+        bundle_root, output_dir: as for :class:`BundleJob`.
+        input: folder, CSV or image; ``None`` runs on the bundle's example images.
+        modality: for generated samples when a bundle ships no examples.
+        top_k: concepts listed per image.
+        job: the options every job has (see :class:`BundleJob`).
+    """
+
+    def __init__(
+        self,
+        bundle_root: str | Path = ".",
+        output_dir: str | Path = "out",
+        input: str | Path | None = None,
+        *,
+        modality: str = "blood",
+        top_k: int = 5,
+        **job: Any,
+    ) -> None:
+        super().__init__(bundle_root, output_dir, **job)
+        self.input = optional(input)
+        self.modality = modality
+        self.top_k = int(top_k)
+
+    def input_records(self) -> tuple[list[InputRecord], str | None]:
+        """The records to read and the input's name (``None``: the bundle's examples); see :func:`input_records`."""
+        return input_records(self.input, self.bundle_root, self.modality, self.output_dir)

@@ -39,6 +39,8 @@ __all__ = ["TrainingRunner", "run_training"]
 MAX_REFERENCE_TRAIN = 2000
 
 logger = logging.getLogger(__name__)
+
+
 class TrainingRunner:
     """Fit grounding and head from ``train`` / ``val`` CSVs into ``output_dir``.
 
