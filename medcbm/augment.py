@@ -27,10 +27,11 @@ key                what it draws per image (library that does the work)
 ``noise``          additive Gaussian noise
 =================  ===============================================================================
 
-Each step has a ``prob`` (default 1 for ``geometry``, 0.5 otherwise). ``channel_mode="grey"`` applies
-the intensity steps to one channel and replicates it (colour steps are then ignored). The draws come
-from one ``numpy`` generator seeded at construction (MONAI's random transforms are seeded from it), so
-two augmenters built with the same seed give identical batches for identical inputs.
+Each step has a ``prob`` (default 1 for ``geometry``, 0.1 for ``greyscale``, 0.5 otherwise).
+``channel_mode="grey"`` applies the intensity steps to one channel and replicates it (colour steps are
+then ignored). The draws come from one ``numpy`` generator seeded at construction (MONAI's random
+transforms are seeded from it), so two augmenters built with the same seed give identical batches for
+identical inputs.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ AUGMENT_STEPS: tuple[str, ...] = (
 )
 
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
+_DEFAULT_PROB = {"geometry": 1.0, "greyscale": 0.1}  # every other step: 0.5
+_COLOUR_STEPS = ("stain", "colour", "greyscale")  # skipped for channel_mode="grey"
 
 
 def resize_batch(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -110,15 +113,27 @@ class SiteShiftAugment:
         self._bias.set_random_state(seed=int(self.rng.integers(2**31)))
 
     # ---- helpers ---------------------------------------------------------------------------------
-    def _on(self, step: str, n: int, default_prob: float = 0.5) -> np.ndarray:
+    def _on(self, step: str, n: int) -> np.ndarray:
         """Which of ``n`` images get ``step`` (all False when the step is off)."""
         if step not in self.cfg:
             return np.zeros(n, dtype=bool)
-        p = self.cfg[step] if isinstance(self.cfg[step], (int, float)) else self.cfg[step].get("prob", default_prob)
+        c = self.cfg[step]
+        p = c if isinstance(c, (int, float)) else c.get("prob", _DEFAULT_PROB.get(step, 0.5))
         return self.rng.random(n) < float(p)
 
     def _uniform(self, rng: tuple[float, float], n: int) -> np.ndarray:
         return self.rng.uniform(rng[0], rng[1], n)
+
+    def _step(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Draw which images get step ``name`` and apply it to those (``x`` itself when none is drawn).
+
+        Every step after ``geometry`` is the method ``_<name>(x, on, c)``: ``on`` marks the images to change
+        (at least one) and ``c`` is the step's entry of the configuration.
+        """
+        on = self._on(name, x.shape[0])
+        if not on.any():
+            return x
+        return getattr(self, f"_{name}")(x, on, self.cfg[name])
 
     # ---- steps -----------------------------------------------------------------------------------
     def _geometry(self, x: torch.Tensor) -> torch.Tensor:
@@ -129,7 +144,7 @@ class SiteShiftAugment:
         g = self.cfg.get("geometry")
         if g is None:
             return resize_batch(x, self.out_size)
-        on = self._on("geometry", b, 1.0)
+        on = self._on("geometry", b)
         zoom = _pair(g.get("zoom", (1.0, 1.0)), "zoom")
         aspect = _pair(g.get("aspect", (1.0, 1.0)), "aspect")
         z = np.exp(self._uniform((math.log(zoom[0]), math.log(zoom[1])), b))
@@ -158,13 +173,9 @@ class SiteShiftAugment:
         x = warp(x, theta, spatial_size=(h, w))
         return resize_batch(x.clamp(0.0, 1.0), self.out_size)
 
-    def _stain(self, x: torch.Tensor) -> torch.Tensor:
+    def _stain(self, x: torch.Tensor, on: np.ndarray, c: Mapping[str, Any]) -> torch.Tensor:
         from skimage.color import hed2rgb, rgb2hed
 
-        on = self._on("stain", x.shape[0])
-        if not on.any():
-            return x
-        c = self.cfg["stain"]
         sigma, bias = float(c.get("sigma", 0.05)), float(c.get("bias", 0.02))
         idx = np.flatnonzero(on)
         sub = x[idx].permute(0, 2, 3, 1).double().numpy()
@@ -176,11 +187,7 @@ class SiteShiftAugment:
         x[idx] = torch.as_tensor(rgb, dtype=x.dtype).permute(0, 3, 1, 2).clamp(0.0, 1.0)
         return x
 
-    def _colour(self, x: torch.Tensor) -> torch.Tensor:
-        on = self._on("colour", x.shape[0])
-        if not on.any():
-            return x
-        c = self.cfg["colour"]
+    def _colour(self, x: torch.Tensor, on: np.ndarray, c: Mapping[str, Any]) -> torch.Tensor:
         hue = np.deg2rad(self.rng.uniform(-1, 1, x.shape[0]) * float(c.get("hue_degrees", 10.0))) * on
         sat = np.where(on, self._uniform(_pair(c.get("saturation", (0.7, 1.3)), "saturation"), x.shape[0]), 1.0)
         # hue rotation about the grey axis (Rodrigues), then saturation as a blend with luminance
@@ -194,20 +201,13 @@ class SiteShiftAugment:
         s = torch.as_tensor(sat, dtype=x.dtype).view(-1, 1, 1, 1)
         return (lum + s * (y - lum)).clamp(0.0, 1.0)
 
-    def _greyscale(self, x: torch.Tensor) -> torch.Tensor:
-        on = self._on("greyscale", x.shape[0], 0.1)
-        if not on.any():
-            return x
+    def _greyscale(self, x: torch.Tensor, on: np.ndarray, c: Any) -> torch.Tensor:
         lum = (x * _LUMA.to(x.dtype).view(1, 3, 1, 1)).sum(1, keepdim=True).expand_as(x)
         return torch.where(torch.as_tensor(on).view(-1, 1, 1, 1), lum, x)
 
-    def _contrast(self, x: torch.Tensor) -> torch.Tensor:
+    def _contrast(self, x: torch.Tensor, on: np.ndarray, c: Mapping[str, Any]) -> torch.Tensor:
         from monai.transforms import AdjustContrast
 
-        on = self._on("contrast", x.shape[0])
-        if not on.any():
-            return x
-        c = self.cfg["contrast"]
         gamma = self._uniform(_pair(c.get("gamma", (0.7, 1.5)), "gamma"), x.shape[0])
         gain = self._uniform(_pair(c.get("contrast", (0.75, 1.25)), "contrast"), x.shape[0])
         shift = self._uniform((-float(c.get("brightness", 0.1)), float(c.get("brightness", 0.1))), x.shape[0])
@@ -218,18 +218,13 @@ class SiteShiftAugment:
             out[i] = ((y - m) * float(gain[i]) + m + float(shift[i])).clamp(0.0, 1.0)
         return out
 
-    def _histogram(self, x: torch.Tensor) -> torch.Tensor:
-        on = self._on("histogram", x.shape[0])
+    def _histogram(self, x: torch.Tensor, on: np.ndarray, c: Any) -> torch.Tensor:
         out = x.clone()
         for i in np.flatnonzero(on):
             out[i] = torch.as_tensor(self._hist(x[i]), dtype=x.dtype).clamp(0.0, 1.0)
         return out
 
-    def _illumination(self, x: torch.Tensor) -> torch.Tensor:
-        on = self._on("illumination", x.shape[0])
-        if not on.any():
-            return x
-        c = self.cfg["illumination"]
+    def _illumination(self, x: torch.Tensor, on: np.ndarray, c: Mapping[str, Any]) -> torch.Tensor:
         b, _, h, w = x.shape
         yy, xx = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
         r2 = (yy**2 + xx**2).to(x.dtype) / 2.0
@@ -240,11 +235,8 @@ class SiteShiftAugment:
             out[i] = (x[i] * field * (1.0 - float(vig[i]) * r2)).clamp(0.0, 1.0)
         return out
 
-    def _resolution(self, x: torch.Tensor) -> torch.Tensor:
-        on = self._on("resolution", x.shape[0])
-        if not on.any():
-            return x
-        factor = self._uniform(_pair(self.cfg["resolution"].get("factor", (1.0, 2.5)), "factor"), x.shape[0])
+    def _resolution(self, x: torch.Tensor, on: np.ndarray, c: Mapping[str, Any]) -> torch.Tensor:
+        factor = self._uniform(_pair(c.get("factor", (1.0, 2.5)), "factor"), x.shape[0])
         out = x.clone()
         s = x.shape[-1]
         for i in np.flatnonzero(on):
@@ -253,13 +245,10 @@ class SiteShiftAugment:
             out[i] = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)[0].clamp(0.0, 1.0)
         return out
 
-    def _blur(self, x: torch.Tensor) -> torch.Tensor:
+    def _blur(self, x: torch.Tensor, on: np.ndarray, c: Mapping[str, Any]) -> torch.Tensor:
         from monai.networks.layers import GaussianFilter
 
-        on = self._on("blur", x.shape[0])
-        if not on.any():
-            return x
-        sigma = self._uniform(_pair(self.cfg["blur"].get("sigma", (0.3, 1.5)), "sigma"), x.shape[0])
+        sigma = self._uniform(_pair(c.get("sigma", (0.3, 1.5)), "sigma"), x.shape[0])
         level = np.round(sigma * 10.0) / 10.0  # one batched filter per 0.1 step of sigma
         out = x.clone()
         for s in np.unique(level[on]):
@@ -268,15 +257,10 @@ class SiteShiftAugment:
                 out[idx] = GaussianFilter(spatial_dims=2, sigma=float(s))(x[idx]).clamp(0.0, 1.0)
         return out
 
-    def _jpeg(self, x: torch.Tensor) -> torch.Tensor:
+    def _jpeg(self, x: torch.Tensor, on: np.ndarray, c: Mapping[str, Any]) -> torch.Tensor:
         from PIL import Image
 
-        on = self._on("jpeg", x.shape[0])
-        if not on.any():
-            return x
-        q = self.rng.integers(
-            *(int(v) for v in self.cfg["jpeg"].get("quality", (30, 90))), size=x.shape[0], endpoint=True
-        )
+        q = self.rng.integers(*(int(v) for v in c.get("quality", (30, 90))), size=x.shape[0], endpoint=True)
         out = x.clone()
         for i in np.flatnonzero(on):
             arr = (x[i].permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
@@ -287,11 +271,8 @@ class SiteShiftAugment:
             out[i] = torch.from_numpy(dec).permute(2, 0, 1).to(x.dtype)
         return out
 
-    def _noise(self, x: torch.Tensor) -> torch.Tensor:
-        on = self._on("noise", x.shape[0])
-        if not on.any():
-            return x
-        std = self._uniform((0.0, float(self.cfg["noise"].get("std", 0.02))), x.shape[0]) * on
+    def _noise(self, x: torch.Tensor, on: np.ndarray, c: Mapping[str, Any]) -> torch.Tensor:
+        std = self._uniform((0.0, float(c.get("std", 0.02))), x.shape[0]) * on
         noise = torch.as_tensor(self.rng.standard_normal(x.shape), dtype=x.dtype)
         return (x + noise * torch.as_tensor(std, dtype=x.dtype).view(-1, 1, 1, 1)).clamp(0.0, 1.0)
 
@@ -300,14 +281,12 @@ class SiteShiftAugment:
         """Augment ``x`` ``(B, 3, L, L)`` in [0, 1]; returns ``(B, 3, S, S)`` float32 in [0, 1]."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a batch of shape (B, 3, H, W), got {tuple(x.shape)}")
-        x = x.float()
-        x = self._geometry(x)
+        x = self._geometry(x.float())
         if self.grey:
             x = x[:, :1].expand(-1, 3, -1, -1).contiguous()
-        else:
-            x = self._greyscale(self._colour(self._stain(x)))
-        x = self._illumination(self._histogram(self._contrast(x)))
-        x = self._noise(self._jpeg(self._blur(self._resolution(x))))
+        for name in AUGMENT_STEPS[1:]:  # in order, each drawing from the one generator
+            if not (self.grey and name in _COLOUR_STEPS):
+                x = self._step(name, x)
         if self.grey:
             x = x[:, :1].expand(-1, 3, -1, -1).contiguous()
         return x.clamp(0.0, 1.0)

@@ -48,6 +48,10 @@ def format_summary(desc: str, count: float, seconds: float, unit: str = "img", r
 class Progress(Generic[T]):
     """A progress bar over an iterable or updated by hand; prints a summary line when closed.
 
+    The bar goes to stderr with units per second, and the summary line follows at the end. Iterate it
+    (``for x in progress(items, desc="features")``) or use it as a context manager and call ``update(n)``.
+    Quiet when ``MEDCBM_PROGRESS=0`` or ``enabled=False``. :data:`progress` is another name for this class.
+
     Args:
         iterable: what to iterate (optional; use :meth:`update` without one).
         total: expected count in ``unit`` (default ``len(iterable)`` when it has one).
@@ -156,20 +160,5 @@ class Progress(Generic[T]):
         self.close()
 
 
-def progress(
-    iterable: Iterable[T] | None = None,
-    total: float | None = None,
-    desc: str = "medcbm",
-    unit: str = "img",
-    step: Callable[[T], float] | None = None,
-    enabled: bool | None = None,
-    file: IO[str] | None = None,
-    summary: bool = True,
-    rate: bool = True,
-) -> Progress[T]:
-    """A :class:`Progress` bar on stderr with units per second and a summary line at the end.
-
-    Iterate it (``for x in progress(items, desc="features")``) or use it as a context manager and call
-    ``update(n)``. Quiet when ``MEDCBM_PROGRESS=0`` or ``enabled=False``.
-    """
-    return Progress(iterable, total, desc, unit, step, enabled, file, summary, rate)
+progress = Progress
+"""The factory name the call sites use: ``progress(items, desc="features")`` is ``Progress(items, desc="features")``."""

@@ -32,7 +32,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -436,37 +436,21 @@ def _canonical_sha256(payload: Any) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def preprocessing_fingerprint(
-    channel_mode: str,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    *,
-    resize_mode: str = "shortest",
-    interpolation: str = "bicubic",
-) -> str:
-    """sha256 (hex) of the canonical JSON of the full preprocessing (reader, channels, encoder input).
+def preprocessing_fingerprint(steps: Iterable[Any]) -> str:
+    """sha256 (hex) of the canonical JSON of a preprocessing: the ``fingerprint()`` of each step, in order.
 
     Features cached under one fingerprint are stale for any other; the value changes with every
-    parameter and with the reader version.
+    parameter of every step and with the reader version. :meth:`ClinicalImagePipeline.fingerprint` is
+    this function over the pipeline's :attr:`~ClinicalImagePipeline.transforms`.
 
     Args:
-        channel_mode: ``"rgb"`` or ``"grey"``.
-        image_size: encoder input side length.
-        mean: per-channel mean.
-        std: per-channel standard deviation.
-        resize_mode: see :class:`EncoderInput`.
-        interpolation: see :class:`EncoderInput`.
+        steps: transforms with a ``fingerprint()`` method (e.g. :class:`LoadClinicalImage`,
+            :class:`ToModalityChannels`, :class:`EncoderInput`).
 
     Returns:
         64 hexadecimal characters.
     """
-    steps = [
-        {"transform": "LoadClinicalImage", "reader_version": READER_VERSION, "range": [0.0, 1.0]},
-        ToModalityChannels(channel_mode).fingerprint(),
-        EncoderInput(image_size, mean, std, resize_mode=resize_mode, interpolation=interpolation).fingerprint(),
-    ]
-    return _canonical_sha256({"medcbm_preprocessing": 1, "steps": steps})
+    return _canonical_sha256({"medcbm_preprocessing": 1, "steps": [step.fingerprint() for step in steps]})
 
 
 class ClinicalImagePipeline:
@@ -570,11 +554,12 @@ class ClinicalImagePipeline:
         }
 
     def fingerprint(self) -> str:
-        """Same value as :func:`preprocessing_fingerprint` for these parameters."""
-        e = self.encoder_input
-        return preprocessing_fingerprint(
-            self.channels.mode, e.image_size, e.mean, e.std, resize_mode=e.resize_mode, interpolation=e.interpolation
-        )
+        """sha256 of the preprocessing (:func:`preprocessing_fingerprint` of :attr:`transforms`), for caches.
+
+        The pixel budget (``max_side``/``max_pixels``) is not part of it: it refuses files, it does not change
+        the tensor of a file it reads.
+        """
+        return preprocessing_fingerprint(self.transforms)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items())

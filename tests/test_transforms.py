@@ -409,15 +409,23 @@ def test_encoder_input_shape_and_normalisation() -> None:
         EncoderInput(8, [0.5], [0.0])
 
 
+def _fingerprint(channel_mode: str, *encoder_args: object, **encoder_kwargs: object) -> str:
+    """:func:`preprocessing_fingerprint` of the steps a pipeline with these parameters runs."""
+    steps = (LoadClinicalImage(), ToModalityChannels(channel_mode), EncoderInput(*encoder_args, **encoder_kwargs))
+    return preprocessing_fingerprint(steps)
+
+
 def test_fingerprints_stable_and_parameter_sensitive() -> None:
-    a = preprocessing_fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD)
-    assert a == preprocessing_fingerprint("rgb", 224, list(CLIP_MEAN), list(CLIP_STD))
+    a = _fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD)
+    assert a == _fingerprint("rgb", 224, list(CLIP_MEAN), list(CLIP_STD))
     assert len(a) == 64 and int(a, 16) >= 0
+    # the key of feature caches already on disk: it changes only with the reader version or the preprocessing
+    assert a == "3fd0fc7e90b933d5dfd5f6d5c1921fc9353a82b2b25a483c33a7b9292b4f2a69"
     others = {
-        preprocessing_fingerprint("grey", 224, CLIP_MEAN, CLIP_STD),
-        preprocessing_fingerprint("rgb", 256, CLIP_MEAN, CLIP_STD),
-        preprocessing_fingerprint("rgb", 224, (0.5, 0.5, 0.5), CLIP_STD),
-        preprocessing_fingerprint("rgb", 224, CLIP_MEAN, (0.5, 0.5, 0.5)),
+        _fingerprint("grey", 224, CLIP_MEAN, CLIP_STD),
+        _fingerprint("rgb", 256, CLIP_MEAN, CLIP_STD),
+        _fingerprint("rgb", 224, (0.5, 0.5, 0.5), CLIP_STD),
+        _fingerprint("rgb", 224, CLIP_MEAN, (0.5, 0.5, 0.5)),
     }
     assert a not in others and len(others) == 4
     assert EncoderInput(8, [0.5], [0.5]).fingerprint() == EncoderInput(8, [0.5], [0.5]).fingerprint()
@@ -501,22 +509,25 @@ def test_interpolation_choices() -> None:
 
 
 def test_fingerprint_covers_resize_mode_interpolation_and_reader_version(monkeypatch: pytest.MonkeyPatch) -> None:
-    base = preprocessing_fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD)
-    assert base == preprocessing_fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD, resize_mode="shortest")
+    base = _fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD)
+    assert base == _fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD, resize_mode="shortest")
     variants = {
-        preprocessing_fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD, resize_mode="longest"),
-        preprocessing_fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD, resize_mode="squash"),
-        preprocessing_fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD, interpolation="bilinear"),
+        _fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD, resize_mode="longest"),
+        _fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD, resize_mode="squash"),
+        _fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD, interpolation="bilinear"),
     }
     assert base not in variants and len(variants) == 3
     p = ClinicalImagePipeline("rgb", 224, CLIP_MEAN, CLIP_STD, resize_mode="longest", interpolation="bilinear")
-    assert p.fingerprint() == preprocessing_fingerprint(
+    assert p.fingerprint() == preprocessing_fingerprint(p.transforms)
+    assert p.fingerprint() == _fingerprint(
         "rgb", 224, CLIP_MEAN, CLIP_STD, resize_mode="longest", interpolation="bilinear"
     )
+    budget = ClinicalImagePipeline("rgb", 224, CLIP_MEAN, CLIP_STD, max_side=64, max_pixels=4096)
+    assert budget.fingerprint() == base  # the pixel budget refuses files; it does not change their features
     import medcbm.transforms as tr
 
     monkeypatch.setattr(tr, "READER_VERSION", tr.READER_VERSION + 1)
-    assert preprocessing_fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD) != base
+    assert _fingerprint("rgb", 224, CLIP_MEAN, CLIP_STD) != base
 
 
 def test_pipeline_from_open_clip_config_and_to_dict(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .paths import check_file, check_splits, read_labels_csv, resolve_dataset_dir
+from .paths import check_file, check_splits, read_labels_csv, resolve_dataset_dir, rows_in_splits
 
 __all__ = [
     "NIH_FINDINGS",
@@ -159,14 +159,9 @@ def nih_cxr14_records(
     split_t = check_splits(splits, _SPLITS)
     folder, rows, test_patients = _load(root)
     records: list[dict[str, Any]] = []
-    for row in rows:
-        split = row["split"].strip()
-        if split not in split_t:
+    for split, row, origin in rows_in_splits(folder, split_t, rows):
+        if split != "test" and row["patient_id"].strip() in test_patients:
             continue
-        patient = row["patient_id"].strip()
-        if split != "test" and patient in test_patients:
-            continue
-        origin = f"{folder / 'labels.csv'}:{row['image_id']}"
         if row["label_abnormal"].strip() not in ("0", "1"):
             raise ValueError(f"{origin}: label_abnormal must be 0 or 1, got {row['label_abnormal']!r}")
         label = "abnormal" if row["label_abnormal"].strip() == "1" else "normal"
@@ -216,11 +211,7 @@ def nih_cxr14_256_records(
     split_t = check_splits(splits, _SPLITS)
     folder = resolve_dataset_dir(root, DATASET_256)
     records: list[dict[str, Any]] = []
-    for row in read_labels_csv(folder):
-        split = row["split"].strip()
-        if split not in split_t:
-            continue
-        origin = f"{folder / 'labels.csv'}:{row['image_id']}"
+    for _, row, origin in rows_in_splits(folder, split_t):
         label = row["label"].strip()
         if label not in CXR_CLASSES:
             raise ValueError(f"{origin}: label must be one of {list(CXR_CLASSES)}, got {label!r}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+from collections.abc import Container, Iterable, Iterator
 from pathlib import Path
 
 from ..io.files import file_sha256
@@ -14,6 +15,7 @@ __all__ = [
     "shared_data_root",
     "resolve_dataset_dir",
     "read_labels_csv",
+    "rows_in_splits",
     "sha256_file",
     "check_file",
     "check_splits",
@@ -75,6 +77,26 @@ def read_labels_csv(folder: Path) -> list[dict[str, str]]:
     """Rows of ``folder/labels.csv`` as dicts of strings."""
     with open(folder / "labels.csv", newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
+
+
+def rows_in_splits(
+    folder: Path, splits: Container[str], rows: Iterable[dict[str, str]] | None = None
+) -> Iterator[tuple[str, dict[str, str], str]]:
+    """The rows of ``folder/labels.csv`` whose ``split`` column (stripped) is one of ``splits``, in file order.
+
+    Args:
+        folder: the dataset folder.
+        splits: the wanted split names.
+        rows: the rows of ``folder/labels.csv`` when the caller has read them already; ``None`` reads them.
+
+    Yields:
+        ``(split, row, origin)``: the stripped split name, the row, and ``"<folder>/labels.csv:<image_id>"`` for
+        error messages.
+    """
+    for row in read_labels_csv(folder) if rows is None else rows:
+        split = row["split"].strip()
+        if split in splits:
+            yield split, row, f"{folder / 'labels.csv'}:{row['image_id']}"
 
 
 sha256_file = file_sha256  # the data sets' name for the package's one file hash (medcbm.io.files)

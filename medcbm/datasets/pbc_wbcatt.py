@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from .paths import check_file, check_splits, read_labels_csv, resolve_dataset_dir
+from .paths import check_file, check_splits, resolve_dataset_dir, rows_in_splits
 
 __all__ = [
     "PBC_CLASSES",
@@ -110,11 +110,7 @@ def wbcatt_concepts(row: dict[str, str], origin: str = "<row>") -> dict[str, flo
 
 def _records_from(folder: Path, dataset: str, splits: tuple[str, ...], verify_hashes: bool) -> list[dict[str, Any]]:
     records: list[dict[str, Any]] = []
-    for row in read_labels_csv(folder):
-        split = row["split"].strip()
-        if split not in splits:
-            continue
-        origin = f"{folder / 'labels.csv'}:{row['image_id']}"
+    for split, row, origin in rows_in_splits(folder, splits):
         label = row["label"].strip().lower()
         if label not in PBC_CLASSES:
             raise ValueError(f"{origin}: unknown class {row['label']!r}")

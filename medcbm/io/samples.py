@@ -7,9 +7,11 @@ anonymous placeholders).
 
 .. code-block:: python
 
-    from medcbm.io.samples import make_sample_inputs, write_synthetic_dicom
+    from medcbm.io.samples import make_sample_inputs, synthetic_dicom_bytes, write_synthetic_dicom
 
     paths = make_sample_inputs("cxr", "/tmp/samples")   # PNG, DICOM (MONOCHROME1/2), NIfTI
+    data = synthetic_dicom_bytes(np.zeros((8, 8)), "MONOCHROME1", bits=12)   # the file's bytes
+    write_synthetic_dicom("/tmp/x.dcm", np.zeros((8, 8)), "MONOCHROME1", bits=12)   # the same bytes, written
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ from PIL import Image
 
 from medcbm.io.atomic import atomic_write_bytes
 
-__all__ = ["SAMPLE_MODALITIES", "make_sample_inputs", "write_synthetic_dicom", "is_sample_path"]
+__all__ = [
+    "SAMPLE_MODALITIES",
+    "make_sample_inputs",
+    "synthetic_dicom_bytes",
+    "write_synthetic_dicom",
+    "is_sample_path",
+]
 
 SAMPLE_MODALITIES = ("dermoscopy", "cxr", "blood")
 _SAMPLE_PREFIX = "sample_"
@@ -134,12 +142,13 @@ def _set_image_pixel_module(ds: Any, px: _PixelData, photometric: str, bits: int
     ds.PixelRepresentation = 1 if signed else 0
 
 
-def _dicom_bytes(
+def synthetic_dicom_bytes(
     array: np.ndarray,
     photometric: str = "MONOCHROME2",
     bits: int = 16,
     window: tuple[float, float] | None = None,
     signed: bool = False,
+    *,
     rescale: tuple[float, float] | None = None,
     patient_name: str = "ANONYMOUS^SAMPLE",
     patient_id: str = "SAMPLE0000",
@@ -147,7 +156,33 @@ def _dicom_bytes(
     extra: Mapping[str, Any] | None = None,
     presentation_lut_shape: str | None = None,
 ) -> bytes:
-    """The bytes of the file :func:`write_synthetic_dicom` writes (same arguments, no path)."""
+    """The bytes of a synthetic Secondary Capture DICOM file (Explicit VR Little Endian).
+
+    The stored values are ``array`` itself (rounded), so ``MONOCHROME1`` and ``MONOCHROME2`` files
+    made from the same array display inverted relative to each other. UIDs are derived from the
+    content (the same call gives the same bytes); patient attributes are anonymous placeholders.
+    :func:`write_synthetic_dicom` writes these bytes to a file.
+
+    Args:
+        array: ``(H, W)`` (or ``(frames, H, W)``) for ``MONOCHROME1``/``MONOCHROME2``; ``(H, W, 3)``
+            RGB values for ``RGB`` and ``YBR_FULL`` (converted to YBR on write).
+        photometric: ``MONOCHROME1``, ``MONOCHROME2``, ``RGB`` or ``YBR_FULL``.
+        bits: bits stored (1..16; 8 for colour); 8 bits allocated up to 8, else 16.
+        window: ``(centre, width)`` written as WindowCenter/WindowWidth.
+        signed: two's complement pixels (PixelRepresentation 1).
+        rescale: ``(slope, intercept)`` written as RescaleSlope/RescaleIntercept.
+        patient_name: PatientName (placeholder by default).
+        patient_id: PatientID (placeholder by default).
+        modality: Modality, e.g. ``"DX"``, ``"XC"``, ``"OT"``.
+        extra: further attributes by keyword, e.g. ``{"StudyDate": "20000101"}``.
+        presentation_lut_shape: ``"IDENTITY"`` or ``"INVERSE"`` written as PresentationLUTShape.
+
+    Returns:
+        The DICOM file's bytes (preamble and file meta included).
+
+    Raises:
+        ValueError: for an unsupported photometric interpretation, shape, bit depth or value range.
+    """
     from pydicom.dataset import Dataset
 
     photometric = photometric.upper()
@@ -187,62 +222,26 @@ def _dicom_bytes(
     return buf.getvalue()
 
 
-def write_synthetic_dicom(
-    path: str | os.PathLike[str],
-    array: np.ndarray,
-    photometric: str = "MONOCHROME2",
-    bits: int = 16,
-    window: tuple[float, float] | None = None,
-    signed: bool = False,
-    *,
-    rescale: tuple[float, float] | None = None,
-    patient_name: str = "ANONYMOUS^SAMPLE",
-    patient_id: str = "SAMPLE0000",
-    modality: str = "OT",
-    extra: Mapping[str, Any] | None = None,
-    presentation_lut_shape: str | None = None,
-) -> Path:
-    """Write a synthetic Secondary Capture DICOM file (Explicit VR Little Endian).
-
-    The stored values are ``array`` itself (rounded), so ``MONOCHROME1`` and ``MONOCHROME2`` files
-    written from the same array display inverted relative to each other. UIDs are derived from the
-    content (the same call writes the same bytes); patient attributes are anonymous placeholders.
+def write_synthetic_dicom(path: str | os.PathLike[str], array: np.ndarray, *args: Any, **options: Any) -> Path:
+    """Write a synthetic Secondary Capture DICOM file (Explicit VR Little Endian), atomically.
 
     Args:
         path: output file.
-        array: ``(H, W)`` (or ``(frames, H, W)``) for ``MONOCHROME1``/``MONOCHROME2``; ``(H, W, 3)``
-            RGB values for ``RGB`` and ``YBR_FULL`` (converted to YBR on write).
-        photometric: ``MONOCHROME1``, ``MONOCHROME2``, ``RGB`` or ``YBR_FULL``.
-        bits: bits stored (1..16; 8 for colour); 8 bits allocated up to 8, else 16.
-        window: ``(centre, width)`` written as WindowCenter/WindowWidth.
-        signed: two's complement pixels (PixelRepresentation 1).
-        rescale: ``(slope, intercept)`` written as RescaleSlope/RescaleIntercept.
-        patient_name: PatientName (placeholder by default).
-        patient_id: PatientID (placeholder by default).
-        modality: Modality, e.g. ``"DX"``, ``"XC"``, ``"OT"``.
-        extra: further attributes by keyword, e.g. ``{"StudyDate": "20000101"}``.
-        presentation_lut_shape: ``"IDENTITY"`` or ``"INVERSE"`` written as PresentationLUTShape.
+        array: the pixel values, as for :func:`synthetic_dicom_bytes`.
+        *args: ``photometric``, ``bits``, ``window``, ``signed`` by position, as for
+            :func:`synthetic_dicom_bytes`.
+        **options: the same options as :func:`synthetic_dicom_bytes` (``photometric``, ``bits``,
+            ``window``, ``signed``, ``rescale``, ``patient_name``, ``patient_id``, ``modality``,
+            ``extra``, ``presentation_lut_shape``).
 
     Returns:
         ``Path(path)``.
 
     Raises:
         ValueError: for an unsupported photometric interpretation, shape, bit depth or value range.
+        TypeError: for an unknown option.
     """
-    data = _dicom_bytes(
-        array,
-        photometric,
-        bits,
-        window,
-        signed,
-        rescale,
-        patient_name,
-        patient_id,
-        modality,
-        extra,
-        presentation_lut_shape,
-    )
-    return atomic_write_bytes(path, data)
+    return atomic_write_bytes(path, synthetic_dicom_bytes(array, *args, **options))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -412,7 +411,7 @@ def _derm_samples() -> list[tuple[str, Callable[[], bytes]]]:
         ("sample_derm_01.png", lambda: _png_bytes(_derm_image(101, 144, 192))),
         ("sample_derm_02.jpg", lambda: _jpeg_bytes(_derm_image(102, 160, 160))),
         ("sample_derm_03.png", lambda: _png_bytes(_derm_image(103, 128, 176))),
-        ("sample_derm_04.dcm", lambda: _dicom_bytes(_derm_image(104, 144, 144), "RGB", bits=8, modality="XC")),
+        ("sample_derm_04.dcm", lambda: synthetic_dicom_bytes(_derm_image(104, 144, 144), "RGB", bits=8, modality="XC")),
     ]
 
 
@@ -421,7 +420,7 @@ def _blood_samples() -> list[tuple[str, Callable[[], bytes]]]:
         ("sample_blood_01.png", lambda: _png_bytes(_blood_image(201, 128, "segmented"))),
         ("sample_blood_02.jpg", lambda: _jpeg_bytes(_blood_image(202, 128, "round"))),
         ("sample_blood_03.png", lambda: _png_bytes(_blood_image(203, 128, "bilobed"))),
-        ("sample_blood_04.dcm", lambda: _dicom_bytes(_blood_image(204, 112, "segmented"), "YBR_FULL", bits=8)),
+        ("sample_blood_04.dcm", lambda: synthetic_dicom_bytes(_blood_image(204, 112, "segmented"), "YBR_FULL", bits=8)),
     ]
 
 
@@ -429,12 +428,14 @@ def _cxr_samples() -> list[tuple[str, Callable[[], bytes]]]:
     def mono1() -> bytes:
         # 16-bit MONOCHROME1 (CR/DX style): stored values high where the display is dark
         img = _cxr_image(302, 160, 144)
-        return _dicom_bytes(np.rint((1.0 - img) * 60000 + 2000), "MONOCHROME1", bits=16, modality="DX")
+        return synthetic_dicom_bytes(np.rint((1.0 - img) * 60000 + 2000), "MONOCHROME1", bits=16, modality="DX")
 
     def mono2() -> bytes:
         # 12-bit MONOCHROME2 with a window that covers the image range
         img = _cxr_image(303, 144, 160)
-        return _dicom_bytes(np.rint(img * 3800 + 100), "MONOCHROME2", bits=12, window=(2048, 4096), modality="DX")
+        return synthetic_dicom_bytes(
+            np.rint(img * 3800 + 100), "MONOCHROME2", bits=12, window=(2048, 4096), modality="DX"
+        )
 
     return [
         ("sample_cxr_01.png", lambda: _png_bytes(np.rint(_cxr_image(301, 160, 160) * 255).astype(np.uint8))),
