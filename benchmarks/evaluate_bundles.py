@@ -34,7 +34,7 @@ from common import BUNDLES, REPO, bundle_split_features, merge_results, nan_safe
 
 from medcbm.fitting import classification_metrics
 from medcbm.metrics import balanced_accuracy
-from medcbm.workflows import load_bundle_network
+from medcbm.bundle import LoadedBundle
 
 
 @torch.no_grad()
@@ -125,11 +125,9 @@ def evaluate(bundle: str, models_dir: str | None = None) -> dict:
     models = Path(models_dir) if models_dir else REPO / "bundles" / bundle / "models"
     data = bundle_split_features(bundle, backbone=f"local-dir:{models / 'backbone'}")
     bank = data["bank"]
-    net = load_bundle_network(
-        models,
-        REPO / "bundles" / bundle / "configs" / "concepts.yaml",
-        channel_mode=BUNDLES[bundle]["channel_mode"],
-    )
+    net = LoadedBundle.load(
+        REPO / "bundles" / bundle, models_dir=models, channel_mode=BUNDLES[bundle]["channel_mode"]
+    ).network
     tr, va, te = (data["splits"][s] for s in ("train", "val", "test"))
     scores, proba = cbm_predict(net, te["X"])
     probe, l2 = linear_probe(tr["X"], tr["y"], va["X"], va["y"], bank.num_classes)

@@ -26,7 +26,7 @@ from medcbm.backbones import load_backbone
 from medcbm.concepts import load_concept_bank
 from medcbm.fitting import classification_metrics
 from medcbm.pretrain import dataset_records, load_recipe, load_unit_images
-from medcbm.workflows import load_bundle_network
+from medcbm.bundle import LoadedBundle
 
 RECIPES = {"blood_cbm": "blood", "cxr_cbm": "cxr", "derm_cbm": "derm"}
 HEADLINE = {"blood_cbm": None, "cxr_cbm": "auroc_abnormal", "derm_cbm": "auroc_melanoma"}
@@ -38,8 +38,7 @@ def evaluate(
     spec = BUNDLES[bundle]
     recipe = load_recipe(recipe_file or REPO / "configs" / "pretrain" / f"{RECIPES[bundle]}.yaml")
     bank = load_concept_bank(REPO / "bundles" / bundle / "configs" / "concepts.yaml")
-    net = load_bundle_network(models, REPO / "bundles" / bundle / "configs" / "concepts.yaml",
-                              channel_mode=spec["channel_mode"])  # fmt: skip
+    net = LoadedBundle.load(REPO / "bundles" / bundle, models_dir=models, channel_mode=spec["channel_mode"]).network
     bk = load_backbone(f"local-dir:{models / 'backbone'}")
     val = [r for r in dataset_records(spec["dataset"], **spec["dataset_args"]) if r["split"] == "val"]
     y = np.array([bank.class_index(r["label"]) for r in val])

@@ -46,6 +46,7 @@ if TYPE_CHECKING:  # types only: fitting and adaptation import this module's nei
     from .fitting import FittedCBM
 
 __all__ = [
+    "default_backbone_spec",
     "BundleLoadError",
     "Preprocessing",
     "SourceReference",
@@ -64,6 +65,11 @@ logger = logging.getLogger(__name__)
 CBM_FILE = "cbm.safetensors"
 BACKBONE_DIR = "backbone"
 MODEL_PT = "model.pt"
+
+
+def default_backbone_spec(models_dir: str | Path) -> str:
+    """The open_clip spec of the backbone a models folder carries (``local-dir:<models>/backbone``)."""
+    return f"local-dir:{Path(models_dir) / BACKBONE_DIR}"
 
 
 # ---------------------------------------------------------------------------------------------- preprocessing

@@ -101,9 +101,7 @@ def test_contributions_of_the_average_training_image_are_zero_and_masking_gives_
 
 def test_saved_and_loaded_network_keeps_the_training_mean(fitted, tiny_backbone_spec, tmp_path):
     from medcbm.backbones import load_backbone
-    from medcbm.bundle import Preprocessing
-    from medcbm.workflows import load_bundle_network
-    from medcbm.workflows.loading import CBM_FILE, save_bundle_network
+    from medcbm.bundle import CBM_FILE, LoadedBundle, Preprocessing, save_bundle_network
 
     fit, _, _ = fitted
     bk = load_backbone(tiny_backbone_spec)
@@ -112,7 +110,7 @@ def test_saved_and_loaded_network_keeps_the_training_mean(fitted, tiny_backbone_
     np.testing.assert_allclose(tensors["neutral"].numpy(), fit.neutral, rtol=1e-6)
     bank_file = tmp_path / "concepts.yaml"
     _bank().save(bank_file)
-    net = load_bundle_network(tmp_path / "models", bank_file, backbone=tiny_backbone_spec)
+    net = LoadedBundle.load(tmp_path, concepts_file=bank_file, backbone=tiny_backbone_spec).network
     assert net.concepts == ["round", "spiky"]
     np.testing.assert_allclose(net.neutral.numpy(), fit.neutral, rtol=1e-6)
 

@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import REPO, bundle_command
 from medcbm.backbones import load_backbone
 from medcbm.bundle import LoadedBundle
-from medcbm.workflows import InferenceRunner, TrainingRunner, load_bundle_network
+from medcbm.workflows import InferenceRunner, TrainingRunner
 
 
 def _toy_bank(path, text_suffix=""):
@@ -155,9 +155,9 @@ def test_changed_concept_text_recomputes_stored_text_embeddings(toy_site):
         drop_ungroundable=False,
     ).run()
     bk = load_backbone(f"local-dir:{tmp / 'm' / 'backbone'}")
-    same = load_bundle_network(tmp / "m", bank)
+    same = LoadedBundle.load(tmp, models_dir=tmp / "m", concepts_file=bank).network
     changed_bank = _toy_bank(tmp / "changed.yaml", text_suffix=" with a sharp edge")
-    changed = load_bundle_network(tmp / "m", changed_bank)
+    changed = LoadedBundle.load(tmp, models_dir=tmp / "m", concepts_file=changed_bank).network
     fresh = bk.encode_texts(["a red area with a sharp edge", "a blue area"])
     assert not torch.allclose(same.grounding.text_embeddings[0], fresh[0])
     torch.testing.assert_close(changed.grounding.text_embeddings, torch.nn.functional.normalize(fresh, dim=-1))
@@ -184,13 +184,13 @@ def test_refit_rejects_unknown_labels_and_bad_concept_values(toy_site):
 
 def test_adaptation_file_applies_edit_and_rejects_unknown_concepts(tmp_path):
     B = REPO / "bundles" / "cxr_cbm"
-    ids = load_bundle_network(B / "models", B / "configs" / "concepts.yaml").concepts
+    ids = LoadedBundle.load(B).network.concepts
     (tmp_path / "a.json").write_text(json.dumps({"mask": [ids[0]], "gain": {ids[1]: 1.5}}))
-    net = load_bundle_network(B / "models", B / "configs" / "concepts.yaml", adaptation=tmp_path / "a.json")
+    net = LoadedBundle.load(B, adaptation=tmp_path / "a.json").network
     assert bool(net.edit_mask[0]) and not bool(net.edit_mask[1]) and float(net.edit_gain[1]) == 1.5
     (tmp_path / "b.json").write_text(json.dumps({"mask": ["no_such_concept"]}))
     with pytest.raises(ValueError, match="b.json.*no_such_concept"):
-        load_bundle_network(B / "models", B / "configs" / "concepts.yaml", adaptation=tmp_path / "b.json")
+        LoadedBundle.load(B, adaptation=tmp_path / "b.json")
 
 
 def test_checkpoint_export_traces_the_network(tmp_path):

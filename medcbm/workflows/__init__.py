@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .adapt import AdaptationRunner
 from .infer import InferenceRunner, format_top_concepts, prediction_columns, top_concepts
-from .loading import load_bundle_network, save_bundle_network
+from ..bundle import save_bundle_network
 from .train import TrainingRunner, run_training
 
 __all__ = [
@@ -18,7 +18,6 @@ __all__ = [
     "TrainingRunner",
     "run_training",
     "check_cli_options",
-    "load_bundle_network",
     "save_bundle_network",
     "format_top_concepts",
     "top_concepts",

@@ -21,7 +21,15 @@ import numpy as np
 import torch
 
 from ..backbones import LOCAL_DIR, load_backbone
-from ..bundle import REFERENCE_FILE, Preprocessing, SourceReference, save_bundle_network, write_model_pt
+from ..bundle import (
+    BACKBONE_DIR,
+    REFERENCE_FILE,
+    default_backbone_spec,
+    Preprocessing,
+    SourceReference,
+    save_bundle_network,
+    write_model_pt,
+)
 from ..concept_labels import concept_labels_from_records
 from ..concepts import ConceptBank, load_concept_bank
 from ..data import InputListError, list_inputs
@@ -30,7 +38,6 @@ from ..features import FeatureCache, default_cache_dir
 from ..fitting import fit_cbm
 from ..io.atomic import atomic_write_json
 from .cli import cli_errors
-from .loading import BACKBONE_DIR, default_backbone_spec
 from ..options import is_unset
 
 __all__ = ["TrainingRunner", "run_training"]
