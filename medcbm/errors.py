@@ -7,14 +7,23 @@ the command-line edge (and leaves them as ordinary exceptions for Python callers
 
 from __future__ import annotations
 
+from typing import Sequence
+
 __all__ = [
     "MedcbmUserError",
+    "listing",
     "BundleLoadError",
     "BackboneUnavailableError",
     "OutputDirError",
     "ModelsDirError",
     "UnknownOptionError",
 ]
+
+
+def listing(items: Sequence[str], most: int = 5) -> str:
+    """The first ``most`` items of a problem list for a one-line message, and how many more there are."""
+    shown = ", ".join(items[:most])
+    return shown + (f" ... and {len(items) - most} more" if len(items) > most else "")
 
 
 class MedcbmUserError(Exception):

@@ -13,14 +13,12 @@ from typing import Sequence
 import numpy as np
 
 from ..data import InputRecord, list_inputs
-from ..errors import MedcbmUserError
+from ..errors import MedcbmUserError, listing
 from ..io.errors import FileReasonError
 from ..io.files import regular_file_sha256
 from ..options import is_unset
 
 __all__ = ["SupportSet", "SupportSetError", "read_support_set"]
-
-_LIST_MAX = 5  # items named in one error line before "... and N more"
 
 
 class SupportSetError(MedcbmUserError, ValueError):
@@ -29,11 +27,6 @@ class SupportSetError(MedcbmUserError, ValueError):
 
 def _norm(label: str) -> str:
     return " ".join(label.strip().lower().replace("_", " ").split())
-
-
-def _listing(items: Sequence[str]) -> str:
-    shown = ", ".join(items[:_LIST_MAX])
-    return shown + (f" ... and {len(items) - _LIST_MAX} more" if len(items) > _LIST_MAX else "")
 
 
 def _sibling_bundle_classes(bundle_root: Path) -> dict[str, tuple[str, ...]]:
@@ -130,7 +123,7 @@ def read_support_set(
             f"{given}: no labels; the support CSV needs a 'label' column with one of {list(class_names)}"
         )
     if unlabelled:
-        raise SupportSetError(f"{given}: {len(unlabelled)} rows have no label: {_listing(unlabelled)}")
+        raise SupportSetError(f"{given}: {len(unlabelled)} rows have no label: {listing(unlabelled)}")
 
     index = {_norm(c): i for i, c in enumerate(class_names)}
     unknown = sorted({r.label for r in records if _norm(r.label or "") not in index})
@@ -138,11 +131,11 @@ def read_support_set(
         other = _other_bundle({_norm(u) for u in unknown}, bundle_name, class_names, Path(bundle_root))
         if other is not None and len(unknown) == len({r.label for r in records}):
             raise SupportSetError(
-                f"{given}: this looks like a support set for {other} (its labels {_listing(unknown)} are {other}'s "
+                f"{given}: this looks like a support set for {other} (its labels {listing(unknown)} are {other}'s "
                 f"classes), not for {bundle_name}, whose classes are {list(class_names)}"
             )
         raise SupportSetError(
-            f"{given}: labels not among {bundle_name}'s classes: {_listing(unknown)} "
+            f"{given}: labels not among {bundle_name}'s classes: {listing(unknown)} "
             f"(expected one of {list(class_names)}, matched case-insensitively)"
         )
 
@@ -156,7 +149,7 @@ def read_support_set(
             seen[key] = r.image
     if dupes:
         raise SupportSetError(
-            f"{given}: the same image is listed more than once: {_listing(dupes)}; each support image must appear once"
+            f"{given}: the same image is listed more than once: {listing(dupes)}; each support image must appear once"
         )
 
     labels = np.array([index[_norm(r.label or "")] for r in records], dtype=np.int64)

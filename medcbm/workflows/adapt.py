@@ -32,10 +32,10 @@ import torch
 from ..adaptation import AdaptationSpec, ConceptEditSearch, ReferenceScores
 from ..site_shift import concept_shift_report
 from ..adaptation.site import SiteFit, fit_site_adaptation
-from ..adaptation.support import SupportSet, SupportSetError, _listing, read_support_set
+from ..adaptation.support import SupportSet, SupportSetError, read_support_set
 from ..bundle import REFERENCE_FILE, LoadedBundle
 from ..engine import PredictionEngine
-from ..errors import MedcbmUserError
+from ..errors import MedcbmUserError, listing
 from ..io.atomic import atomic_write_json
 from .cli import check_output_dir, cli_errors
 from .job import BundleJob
@@ -155,7 +155,7 @@ class AdaptationRunner(BundleJob):
             reasons = [res.errors[i] for i in sorted(res.errors)]
             raise SupportSetError(
                 f"{support.csv}: {len(reasons)} of {len(support.records)} support images cannot be read: "
-                f"{_listing(reasons)}; fix or remove these rows"
+                f"{listing(reasons)}; fix or remove these rows"
             )
         hashes = [res.content_sha256[i] for i in range(len(support.records))]
         first: dict[str, str] = {}
@@ -167,7 +167,7 @@ class AdaptationRunner(BundleJob):
                 first[h] = rec.image
         if same:
             raise SupportSetError(
-                f"{support.csv}: the same image is listed more than once: {_listing(same)}; "
+                f"{support.csv}: the same image is listed more than once: {listing(same)}; "
                 "each support image must appear once"
             )
         order = np.argsort(np.asarray(res.ok))  # rows back in CSV order

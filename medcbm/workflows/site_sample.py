@@ -21,23 +21,17 @@ import numpy as np
 from ..site_shift import looks_like_another_modality
 from ..data import InputRecord, list_inputs
 from ..engine import PredictionEngine
-from ..errors import MedcbmUserError
+from ..errors import MedcbmUserError, listing
 from ..io.errors import FileReasonError
 
 __all__ = ["SiteSample", "SiteSampleError", "read_site_sample", "encode_site_sample", "MIN_SITE_IMAGES"]
 
 logger = logging.getLogger(__name__)
 MIN_SITE_IMAGES = 30
-_LIST_MAX = 5
 
 
 class SiteSampleError(MedcbmUserError, ValueError):
     """The site sample cannot be used; the message names the folder or CSV and the reason."""
-
-
-def _listing(items: list[str]) -> str:
-    shown = ", ".join(items[:_LIST_MAX])
-    return shown + (f" ... and {len(items) - _LIST_MAX} more" if len(items) > _LIST_MAX else "")
 
 
 @dataclass
@@ -91,7 +85,7 @@ def read_site_sample(site: str | Path, min_images: int = MIN_SITE_IMAGES) -> Sit
             dupes.append(r.image)
         seen.setdefault(key, r.image)
     if dupes:
-        raise SiteSampleError(f"{given}: the same image is listed more than once: {_listing(dupes)}")
+        raise SiteSampleError(f"{given}: the same image is listed more than once: {listing(dupes)}")
     if len(records) < min_images:
         raise SiteSampleError(
             f"{given}: {len(records)} site images, at least {min_images} needed to estimate the site's concept "
@@ -120,10 +114,10 @@ def encode_site_sample(sample: SiteSample, engine: PredictionEngine, alarm_ratio
     n, src = len(sample.records), sample.source
     if errors:
         reasons = [errors[i] for i in sorted(errors)]
-        raise SiteSampleError(f"{src}: {len(reasons)} of {n} site images cannot be read: {_listing(reasons)}")
+        raise SiteSampleError(f"{src}: {len(reasons)} of {n} site images cannot be read: {listing(reasons)}")
     if quality:
         bad = [f"{sample.records[i].image} ({quality[i]})" for i in sorted(quality)]
-        raise SiteSampleError(f"{src}: {len(bad)} of {n} site images are unusable: {_listing(bad)}; remove them")
+        raise SiteSampleError(f"{src}: {len(bad)} of {n} site images are unusable: {listing(bad)}; remove them")
     first: dict[str, str] = {}
     same = []
     for i, rec in enumerate(sample.records):
@@ -132,7 +126,7 @@ def encode_site_sample(sample: SiteSample, engine: PredictionEngine, alarm_ratio
             same.append(f"{rec.image} (identical content to {first[h]})")
         first.setdefault(h, rec.image)
     if same:
-        raise SiteSampleError(f"{src}: the same image is listed more than once: {_listing(same)}")
+        raise SiteSampleError(f"{src}: the same image is listed more than once: {listing(same)}")
     sample.features = np.stack([feats[i] for i in range(n)])
     sample.content_sha256 = [hashes[i] for i in range(n)]
     det = engine.shift_detector
