@@ -160,16 +160,24 @@ def pipeline_ratio(
     bundle_name: str, images: list[str], tmp: Path, batch_size: int, workers: int, repeats: int, n: int = 1000
 ) -> dict:
     """The job against the minimal loop over the same ``n`` inputs (cycling the test images), each in a fresh
-    process (both start cold, as a user's run does), alternated ``repeats`` times; the fastest run of each counts,
-    so that a burst of other load on the machine hits neither side alone."""
+    process (both start cold, as a user's run does), ``repeats`` rounds in rotating order; the fastest run of each
+    counts, so that a burst of other load on the machine hits neither side alone."""
     images = [images[i % len(images)] for i in range(n)]
     inp = _link_inputs(images, len(images), tmp / "pipe_in")
+
+    def run(key: str) -> dict:
+        if key == "minimal":
+            return _child(_MINIMAL, bundle_name, inp=str(inp), batch_size=batch_size)
+        w = int(key[len("job_w") :])
+        return _run_job(bundle_name, inp, tmp / f"pipe_out_w{w}", batch_size, w)
+
+    keys = ["minimal", *(f"job_w{w}" for w in sorted({0, workers}))]
     best: dict[str, float] = {}
-    for _ in range(repeats):
-        runs = {"minimal": _child(_MINIMAL, bundle_name, inp=str(inp), batch_size=batch_size)}
-        for w in sorted({0, workers}):
-            runs[f"job_w{w}"] = _run_job(bundle_name, inp, tmp / f"pipe_out_w{w}", batch_size, w)
-        for key, r in runs.items():
+    for rep in range(repeats):
+        # rotate the order: on a shared virtual machine the first run after a pause is the fastest, so a fixed
+        # order would favour whichever side always runs first
+        for key in keys[rep % len(keys) :] + keys[: rep % len(keys)]:
+            r = run(key)
             best[key] = min(best.get(key, float("inf")), r["seconds"] / r["rows"])
     out = {"images": len(images), "repeats": repeats, "minimal_loop_img_per_s": round(1 / best["minimal"], 1)}
     for w in sorted({0, workers}):
