@@ -308,48 +308,34 @@ def _env():
     return {**os.environ, "MEDCBM_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
 
 
+def _run_toy(site, config, *args):
+    """The toy bundle's command, run to the end with captured output."""
+    return subprocess.run(
+        _toy_command(site, config, *args), cwd=REPO, capture_output=True, text=True, timeout=600, env=_env()
+    )
+
+
 def test_bundle_command_adapts_then_infers_and_fails_in_one_line(site, tmp_path):
     adapt = tmp_path / "adapt"
-    proc = subprocess.run(
-        _toy_command(site, "adapt.yaml", "--support", str(site["support"]), "--output_dir", str(adapt)),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=_env(),
-    )
+    proc = _run_toy(site, "adapt.yaml", "--support", str(site["support"]), "--output_dir", str(adapt))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((adapt / ADAPTATION_FILE).read_text())["gain"]
-    proc = subprocess.run(
-        _toy_command(
-            site,
-            "inference.yaml",
-            "--input",
-            str(site["rest"]),
-            "--output_dir",
-            str(tmp_path / "out"),
-            "--adaptation",
-            str(adapt / ADAPTATION_FILE),
-        ),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=_env(),
+    proc = _run_toy(
+        site,
+        "inference.yaml",
+        "--input",
+        str(site["rest"]),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--adaptation",
+        str(adapt / ADAPTATION_FILE),
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = _predictions(tmp_path / "out")
     assert balanced_accuracy(np.array([r["label"] for r in rows]), np.array([r["prediction"] for r in rows])) >= 0.9
 
     bad = _write(tmp_path / "bad.csv", [[site["support_rows"][0][0], "purple"]])
-    proc = subprocess.run(
-        _toy_command(site, "adapt.yaml", "--support", str(bad), "--output_dir", str(tmp_path / "bad_adapt")),
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=_env(),
-    )
+    proc = _run_toy(site, "adapt.yaml", "--support", str(bad), "--output_dir", str(tmp_path / "bad_adapt"))
     assert proc.returncode == 2
     last = [line for line in proc.stderr.splitlines() if line.startswith("medcbm:")]
     assert len(last) == 1 and str(bad) in last[0] and "purple" in last[0] and "Traceback" not in proc.stderr
