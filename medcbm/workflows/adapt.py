@@ -34,6 +34,7 @@ from ..site_shift import concept_shift_report
 from ..adaptation.site import SiteFit, fit_site_adaptation
 from ..adaptation.support import SupportSet, SupportSetError, read_support_set
 from ..bundle import REFERENCE_FILE, LoadedBundle
+from ..networks import HeadArrays
 from ..engine import PredictionEngine
 from ..errors import MedcbmUserError, listing
 from ..io.atomic import atomic_write_json
@@ -181,14 +182,16 @@ class AdaptationRunner(BundleJob):
             f = torch.as_tensor(feats, dtype=torch.float32, device=self.device)
             return bundle.network.concept_scores_from_features(f, edited=False).double().cpu().numpy()
 
-    def _fit_site(self, bundle: LoadedBundle, site: SiteSample) -> tuple[SiteFit, np.ndarray]:
+    def _fit_site(
+        self, bundle: LoadedBundle, site: SiteSample, reference: ReferenceScores, head: HeadArrays
+    ) -> tuple[SiteFit, np.ndarray]:
         """Encode and check the site sample, then fit calibration and label shift; also returns its raw scores."""
         encode_site_sample(site, self._engine(bundle, "site sample", cache=False), self.site_alarm_ratio)
         scores = self._raw_scores(bundle, site.features)
         fit = fit_site_adaptation(
             scores,
-            ReferenceScores.of_bundle(bundle),
-            bundle.head_arrays(),
+            reference,
+            head,
             bundle.class_names,
             bundle.concept_ids,
             calibrate=self.calibrate,
@@ -196,9 +199,16 @@ class AdaptationRunner(BundleJob):
         )
         return fit, scores
 
-    def _search(self, bundle: LoadedBundle, scores: np.ndarray, labels: np.ndarray, site: SiteFit | None):
+    def _search(
+        self,
+        bundle: LoadedBundle,
+        scores: np.ndarray,
+        labels: np.ndarray,
+        site: SiteFit | None,
+        reference: ReferenceScores,
+        head: HeadArrays,
+    ) -> ConceptEditSearch:
         """The labelled edit search on (calibrated) support scores, guarded on the (calibrated) reference set."""
-        reference, head = ReferenceScores.of_bundle(bundle), bundle.head_arrays()
         if site is not None:  # the edit is searched on top of the site calibration and offset, as it will run
             scores, reference = site.calibrate(scores), reference.mapped(site.calibrate)
             head = head.with_offset(site.offset)
@@ -216,6 +226,7 @@ class AdaptationRunner(BundleJob):
         if bundle.adaptation is not None:
             logger.info("the search starts from the unedited network: the adaptation loaded with the bundle is removed")
         bundle.set_adaptation(None)
+        reference, head = ReferenceScores.of_bundle(bundle), bundle.head_arrays()  # scored once for both fits
         support = None
         if self.support is not None or self.site_images is None:
             support = read_support_set(self.support, bundle.class_names, bundle.name, bundle.root)
@@ -227,12 +238,12 @@ class AdaptationRunner(BundleJob):
                 name,
                 support.csv,
             )
-        site_fit, site_scores = self._fit_site(bundle, site) if site is not None else (None, None)
+        site_fit, site_scores = self._fit_site(bundle, site, reference, head) if site is not None else (None, None)
         search, sup = None, None
         if support is not None:
             feats, hashes, flagged = self._features(bundle, support)
             sup = (self._raw_scores(bundle, feats), hashes, flagged)
-            search = self._search(bundle, sup[0], support.labels, site_fit)
+            search = self._search(bundle, sup[0], support.labels, site_fit, reference, head)
             spec = search.spec_
         else:
             spec = AdaptationSpec(
