@@ -262,6 +262,8 @@ def test_spec_round_trips(tmp_path):
         (lambda a: a.update(neutral=a["neutral"][:-1]), "neutral"),
         (lambda a: a.update(reference_scores=a["reference_scores"][:, :2]), "reference scores have 2 concepts"),
         (lambda a: a.update(reference_labels=a["reference_labels"] + 5), "outside"),
+        (lambda a: a.update(reference_labels=a["reference_labels"] - 1), "negative class indices"),
+        (lambda a: a.update(reference_labels=a["reference_labels"].astype(str)), "integer class indices"),
     ],
 )
 def test_inputs_are_validated(change, needle):

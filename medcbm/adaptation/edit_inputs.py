@@ -22,7 +22,8 @@ def _as_2d(x: Any, name: str) -> np.ndarray:
     return a
 
 
-def _as_labels(y: Any, n: int, n_classes: int, name: str) -> np.ndarray:
+def _as_labels(y: Any, n: int, n_classes: int | None, name: str) -> np.ndarray:
+    """``y`` as ``(n,)`` int64 class indices in ``[0, n_classes)`` (``None``: only checked to be non-negative)."""
     a = np.asarray(y)
     if a.ndim != 1 or len(a) != n:
         raise ValueError(f"{name} must be 1-D with {n} entries, got shape {a.shape}")
@@ -31,7 +32,9 @@ def _as_labels(y: Any, n: int, n_classes: int, name: str) -> np.ndarray:
             a = a.astype(np.int64)
         else:
             raise ValueError(f"{name} must hold integer class indices, got dtype {a.dtype}")
-    if a.size and (a.min() < 0 or a.max() >= n_classes):
+    if a.size and n_classes is None and a.min() < 0:
+        raise ValueError(f"{name} has negative class indices")
+    if a.size and n_classes is not None and (a.min() < 0 or a.max() >= n_classes):
         raise ValueError(f"{name} has class indices outside [0, {n_classes - 1}]")
     return a.astype(np.int64)
 

@@ -36,7 +36,7 @@ class ReferenceScores:
         R = _as_2d(self.scores, "reference scores")
         if len(R) == 0:
             raise ValueError("the reference set is empty")
-        y = _as_labels(self.labels, len(R), int(np.max(self.labels, initial=0)) + 1, "reference labels")
+        y = _as_labels(self.labels, len(R), None, "reference labels")  # the class range is the head's: check_head
         U = np.zeros((0, R.shape[1])) if self.unlabelled is None else _as_2d(self.unlabelled, "unlabelled scores")
         if U.shape[1] != R.shape[1]:
             raise ValueError(f"unlabelled reference scores have {U.shape[1]} concepts, the reference set {R.shape[1]}")
