@@ -402,6 +402,7 @@ def pretrain_backbone(
     epochs: int | None = None,
     limit: int | None = None,
     init_from: str | Path | None = None,
+    seed: int | None = None,
 ) -> dict[str, Any]:
     """Train the recipe's backbone and write it as a ``local-dir:`` folder; returns a training summary.
 
@@ -412,10 +413,11 @@ def pretrain_backbone(
         limit: use only this many training images (smoke runs).
         init_from: start from this ``local-dir:`` backbone (same ``model_cfg``) instead of
             ``train.init_from`` or random weights.
+        seed: override ``train.seed`` (the spread over seeds of one recipe).
     """
     t0 = time.time()
     cfg = recipe["train"]
-    seed = int(cfg.get("seed", 0))
+    seed = int(cfg.get("seed", 0) if seed is None else seed)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     bank = load_concept_bank(recipe["concepts"])
@@ -462,10 +464,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs")
     parser.add_argument("--limit", type=int, default=None, help="use only this many training images (smoke runs)")
     parser.add_argument("--init-from", default=None, help="start from this local-dir backbone (overrides the recipe)")
+    parser.add_argument("--seed", type=int, default=None, help="override the recipe's train.seed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    summary = pretrain_backbone(load_recipe(args.recipe), args.out, args.epochs, args.limit, args.init_from)
+    summary = pretrain_backbone(
+        load_recipe(args.recipe), args.out, args.epochs, args.limit, args.init_from, seed=args.seed
+    )
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))
 
 

@@ -81,8 +81,9 @@ def test_pretrain_recipe_smoke_writes_loadable_local_dir(tmp_path):
     recipe["concepts"] = str(REPO / recipe["concepts"])
     recipe["model_cfg"] = copy.deepcopy(TINY_CFG)
     recipe["train"].pop("init_trunk", None)  # the recipe's ImageNet trunk belongs to another model_cfg
-    summary = pretrain_backbone(recipe, tmp_path / "bb", epochs=1, limit=40)
+    summary = pretrain_backbone(recipe, tmp_path / "bb", epochs=1, limit=40, seed=3)
     assert summary["best_epoch"] == 1 and summary["n_train"] == 40
+    assert summary["seed"] == 3  # --seed overrides the recipe's train.seed (the seed-spread runs)
     bk = load_backbone(f"local-dir:{tmp_path / 'bb'}")
     assert bk.encode_images(torch.zeros(1, 3, 32, 32)).shape == (1, 16)
     assert (tmp_path / "bb" / "training_log.json").is_file()
