@@ -2,6 +2,7 @@
 """Which encoder: frozen ImageNet trunks (EfficientNet-Lite0, Lite2) against the shipped fine-tuned backbone.
 
     python benchmarks/encoder_comparison.py [--bundle blood_cbm cxr_cbm derm_cbm] [--out results.json]
+    python benchmarks/encoder_comparison.py --bundle derm_cbm --extra "seed 1=/tmp/derm_seed1"   # more backbones
     python benchmarks/encoder_comparison.py --write-doc    # docs/REPRODUCE.md block from the results file
     python benchmarks/encoder_comparison.py --check-doc    # exits 1 if that block is out of date
 
@@ -90,7 +91,8 @@ def _probe_scores(Xtr, ytr, Xva, yva, Xsh, n_classes: int) -> dict:
     return out
 
 
-def compare(bundle: str) -> dict:
+def compare(bundle: str, extra: dict[str, str] | None = None) -> dict:
+    """Probe figures of each encoder; ``extra`` adds ``name -> local-dir folder`` backbones (seeds, soups)."""
     recipe = load_recipe(REPO / "configs" / "pretrain" / f"{RECIPES[bundle]}.yaml")
     bank = load_concept_bank(REPO / "bundles" / bundle / "configs" / "concepts.yaml")
     recs = bundle_records(bundle)
@@ -100,6 +102,8 @@ def compare(bundle: str) -> dict:
     shipped = load_backbone(f"local-dir:{REPO / 'bundles' / bundle / 'models' / 'backbone'}")
     encoders = {f"frozen {t} (ImageNet)": _frozen_trunk(t) for t in TRUNKS}
     encoders["shipped fine-tuned backbone"] = shipped.image_encoder().eval()
+    for name, folder in (extra or {}).items():
+        encoders[name] = load_backbone(f"local-dir:{folder}").image_encoder().eval()
     out = {"n_train": len(y["train"]), "n_val": len(y["val"]), "classes": bank.classes, "encoders": {}}
     for name, model in encoders.items():
         t0 = time.time()
@@ -146,13 +150,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bundle", nargs="+", default=list(RECIPES))
     ap.add_argument("--out", default=None, help="also write the JSON here (other bundles already in it are kept)")
+    ap.add_argument("--extra", action="append", default=[], help="NAME=DIR: also probe this local-dir backbone")
     ap.add_argument("--write-doc", action="store_true", help="only rewrite the docs/REPRODUCE.md block")
     ap.add_argument("--check-doc", action="store_true", help="only check the docs/REPRODUCE.md block")
     args = ap.parse_args()
     if args.write_doc or args.check_doc:
         raise SystemExit(_doc(args.check_doc))
     torch.manual_seed(0)
-    results = nan_safe({b: compare(b) for b in args.bundle})
+    extra = dict(item.split("=", 1) for item in args.extra)
+    results = nan_safe({b: compare(b, extra) for b in args.bundle})
     print(json.dumps(results, indent=2))
     if args.out:
         merge_results(args.out, results)
