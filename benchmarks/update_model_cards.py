@@ -234,6 +234,20 @@ def render_fit_report(report: dict, path: str) -> str:
 def render_backbone_training(log: dict, path: str) -> str:
     """The backbone epoch kept, its validation figure and the training time, from ``training_log.json``."""
     minutes = log["seconds"] / 60
+    if "soup" in log:  # medcbm.soup: the weight average of several runs of the recipe
+        parts = log["soup"]["ingredients"]
+        seeds = ", ".join(str(p["seed"]) for p in parts)
+        epochs = ", ".join(str(p["best_epoch"]) for p in parts)
+        return "\n".join(
+            [
+                _source_line(path),
+                "",
+                f"Uniform weight average (model soup, `medcbm.soup`) of {len(parts)} runs of this recipe with seeds "
+                f"{seeds}, each keeping its own epoch ({epochs}) by the recipe's validation rule ({log['n_val']} "
+                f"validation images; {log['n_train']} training images); the {len(parts)} trainings took "
+                f"{minutes:.0f} minutes in all on the CPU machines that produced them.",
+            ]
+        )
     return "\n".join(
         [
             _source_line(path),

@@ -226,11 +226,13 @@ def test_bundle_json_is_pretty_4_space(path):
 
 
 def test_generated_doc_blocks_match_their_results_files():
-    """docs/REPRODUCE.md's encoder comparison and docs/performance.md are rendered from committed results."""
+    """docs/REPRODUCE.md's encoder comparison and seed spread, and docs/performance.md, are rendered from
+    committed results."""
     import subprocess
 
-    for script in ("encoder_comparison.py", "performance_doc.py"):
-        args = [sys.executable, str(REPO / "benchmarks" / script), "--check-doc" if "encoder" in script else "--check"]
+    for script in ("encoder_comparison.py", "recipe_seeds.py", "performance_doc.py"):
+        flag = "--check" if script == "performance_doc.py" else "--check-doc"
+        args = [sys.executable, str(REPO / "benchmarks" / script), flag]
         done = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
         assert done.returncode == 0, f"out of date: run python benchmarks/{script} ({done.stderr[-500:]})"
 
