@@ -19,15 +19,16 @@ BEGIN, END = "<!-- BEGIN GENERATED: inference_speed -->", "<!-- END GENERATED --
 def render(d: dict) -> str:
     rows = [
         "| bundle | input px | engine model step vs bare `encode_image` | minimal loop img/s | bundle job img/s "
-        "(0 workers / 2 workers) | job / minimal loop |",
-        "|---|---|---|---|---|---|",
+        "(0 workers / 2 workers) | job / minimal loop, wall | job / minimal loop, CPU seconds |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, v in d["bundles"].items():
         p = v["pipeline_ratio"]
         rows.append(
             f"| {name} | {v['input_size']} | {v['model_overhead']['overhead_percent']:+.1f} % | "
             f"{p['minimal_loop_img_per_s']} | {p.get('bundle_job_img_per_s_workers_0')} / "
-            f"{p.get('bundle_job_img_per_s_workers_2')} | {p.get('ratio_workers_0')} / {p.get('ratio_workers_2')} |"
+            f"{p.get('bundle_job_img_per_s_workers_2')} | {p.get('ratio_workers_0')} / {p.get('ratio_workers_2')} | "
+            f"{p.get('cpu_ratio_workers_0', 'n/a')} / {p.get('cpu_ratio_workers_2', 'n/a')} |"
         )
     s, t = d.get("scaling_blood_cbm"), d.get("torchrun_blood_cbm")
     lines = [
