@@ -99,3 +99,16 @@ def nan_safe(x):
     if isinstance(x, np.integer):
         return int(x)
     return x
+
+
+def write_doc_block(doc: Path, begin: str, end: str, block: str, check: bool) -> int:
+    """Replace the ``begin``...``end`` block of ``doc`` with ``block`` (which carries both markers); with
+    ``check``, write nothing and return 1 if the block is out of date."""
+    text = doc.read_text()
+    start = text.index(begin)
+    stop = text.index(end, start) + len(end)
+    new = text[:start] + block + text[stop:]
+    if check:
+        return 0 if new == text else 1
+    doc.write_text(new)
+    return 0

@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from common import REPO, bundle_records, merge_results, nan_safe
+from common import REPO, bundle_records, merge_results, nan_safe, write_doc_block
 
 from medcbm.augment import SiteShiftAugment
 from medcbm.backbones import load_backbone
@@ -136,14 +136,7 @@ def render(results: dict) -> str:
 
 
 def _doc(check: bool) -> int:
-    text = DOC.read_text()
-    start = text.index(BEGIN)
-    end = text.index(END, start) + len(END)
-    new = text[:start] + render(json.loads(RESULTS.read_text())) + text[end:]
-    if check:
-        return 0 if new == text else 1
-    DOC.write_text(new)
-    return 0
+    return write_doc_block(DOC, BEGIN, END, render(json.loads(RESULTS.read_text())), check)
 
 
 def main() -> None:

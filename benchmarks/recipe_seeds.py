@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import REPO, merge_results, nan_safe
+from common import REPO, merge_results, nan_safe, write_doc_block
 
 from evaluate_bundles import evaluate
 
@@ -113,14 +113,7 @@ def render(results: dict) -> str:
 
 
 def _doc(check: bool) -> int:
-    text = DOC.read_text()
-    start = text.index(BEGIN)
-    end = text.index(END, start) + len(END)
-    new = text[:start] + render(json.loads(RESULTS.read_text())) + text[end:]
-    if check:
-        return 0 if new == text else 1
-    DOC.write_text(new)
-    return 0
+    return write_doc_block(DOC, BEGIN, END, render(json.loads(RESULTS.read_text())), check)
 
 
 def main() -> None:
