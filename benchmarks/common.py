@@ -1,5 +1,6 @@
 # Copyright (c) medcbm contributors. Licensed under the Apache License, Version 2.0.
-"""Shared pieces of the benchmark scripts: cached features of a bundle backbone over a staged dataset."""
+"""Shared pieces of the benchmark scripts: cached features of a bundle backbone over a staged dataset, the
+bundle runner's command line, ``NAME=DIR`` options and generated doc blocks."""
 
 from __future__ import annotations
 
@@ -112,3 +113,23 @@ def write_doc_block(doc: Path, begin: str, end: str, block: str, check: bool) ->
         return 0 if new == text else 1
     doc.write_text(new)
     return 0
+
+
+def bundle_run_command(bundle: str, config: str, *args: str) -> list[str]:
+    """``python -m monai.bundle run`` for ``bundles/<bundle>/configs/<config>`` (run from the repository root)."""
+    b = f"bundles/{bundle}"
+    return [
+        sys.executable, "-m", "monai.bundle", "run", "--bundle_root", b,
+        "--config_file", f"{b}/configs/{config}", "--meta_file", f"{b}/configs/metadata.json", *args,
+    ]  # fmt: skip
+
+
+def name_dir_pairs(items: list[str]) -> dict[str, Path]:
+    """``NAME=DIR`` command-line values as ``{name: Path(dir)}``; exits with the bad value otherwise."""
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"expected NAME=DIR, got {item!r}")
+        out[name] = Path(path)
+    return out

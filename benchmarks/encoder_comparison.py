@@ -20,11 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import REPO, bundle_records, merge_results, nan_safe, write_doc_block
+from common import REPO, bundle_records, merge_results, name_dir_pairs, nan_safe, write_doc_block
 
 from medcbm.augment import SiteShiftAugment
 from medcbm.backbones import load_backbone
@@ -91,7 +92,7 @@ def _probe_scores(Xtr, ytr, Xva, yva, Xsh, n_classes: int) -> dict:
     return out
 
 
-def compare(bundle: str, extra: dict[str, str] | None = None) -> dict:
+def compare(bundle: str, extra: dict[str, Path] | None = None) -> dict:
     """Probe figures of each encoder; ``extra`` adds ``name -> local-dir folder`` backbones (seeds, soups)."""
     recipe = load_recipe(REPO / "configs" / "pretrain" / f"{RECIPES[bundle]}.yaml")
     bank = load_concept_bank(REPO / "bundles" / bundle / "configs" / "concepts.yaml")
@@ -150,7 +151,7 @@ def main() -> None:
     if args.write_doc or args.check_doc:
         raise SystemExit(_doc(args.check_doc))
     torch.manual_seed(0)
-    extra = dict(item.split("=", 1) for item in args.extra)
+    extra = name_dir_pairs(args.extra)
     results = nan_safe({b: compare(b, extra) for b in args.bundle})
     print(json.dumps(results, indent=2))
     if args.out:

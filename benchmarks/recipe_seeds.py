@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from common import REPO, merge_results, nan_safe, write_doc_block
+from common import REPO, bundle_run_command, merge_results, name_dir_pairs, nan_safe, write_doc_block
 
 from evaluate_bundles import evaluate
 
@@ -34,32 +34,22 @@ RESULTS = REPO / "benchmarks" / "results" / "recipe_seeds.json"
 DOC = REPO / "docs" / "REPRODUCE.md"
 BEGIN, END = "<!-- BEGIN GENERATED: recipe_seeds -->", "<!-- END GENERATED -->"
 EXPORT = {"blood_cbm": ["pbc_wbcatt", "--include-extra"], "cxr_cbm": ["nih_cxr14_256", "--add-train", "nih_cxr14"]}
-HEADLINE = {"blood_cbm": ("accuracy",), "cxr_cbm": ("auroc_abnormal",)}
-DERM = ("balanced_accuracy", "auroc_melanoma")
+HEADLINE = {
+    "blood_cbm": ("accuracy",),
+    "cxr_cbm": ("auroc_abnormal",),
+    "derm_cbm": ("balanced_accuracy", "auroc_melanoma"),
+}
 LOG_KEYS = ("recipe", "seed", "best_epoch", "val_balanced_accuracy_aux_head", "val_shift_balanced_accuracy_aux_head")
-
-
-def _pairs(items: list[str]) -> dict[str, Path]:
-    out = {}
-    for item in items:
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"expected NAME=DIR, got {item!r}")
-        out[name] = Path(path)
-    return out
 
 
 def fit_head(bundle: str, backbone: Path, csv_dir: Path, out: Path) -> Path:
     """The bundle's ``train.yaml`` on ``backbone`` with its default options; returns the models folder."""
     if (out / "cbm.safetensors").is_file():
         return out
-    root = REPO / "bundles" / bundle
-    cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "--bundle_root", str(root),
-        "--config_file", str(root / "configs" / "train.yaml"), "--meta_file", str(root / "configs" / "metadata.json"),
-        "--workflow_type", "train", "--train", str(csv_dir / "train.csv"), "--val", str(csv_dir / "val.csv"),
-        "--backbone", f"local-dir:{backbone}", "--output_dir", str(out),
-    ]  # fmt: skip
+    cmd = bundle_run_command(
+        bundle, "train.yaml", "--workflow_type", "train", "--train", str(csv_dir / "train.csv"),
+        "--val", str(csv_dir / "val.csv"), "--backbone", f"local-dir:{backbone}", "--output_dir", str(out),
+    )  # fmt: skip
     subprocess.run(cmd, check=True, cwd=REPO)
     return out
 
@@ -68,7 +58,7 @@ def seed_entry(bundle: str, models: Path) -> dict:
     """Selection signals of the backbone's training and the held-out figures of its fitted bundle."""
     log = json.loads((models / "backbone" / "training_log.json").read_text())
     res = evaluate(bundle, str(models))
-    keys = DERM if bundle == "derm_cbm" else HEADLINE[bundle]
+    keys = HEADLINE[bundle]
     entry = {k: log.get(k) for k in LOG_KEYS}
     entry["train_seconds"] = log.get("seconds")
     entry["concepts_used"] = res["concepts_used"]
@@ -128,8 +118,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.write_doc or args.check_doc:
         raise SystemExit(_doc(args.check_doc))
-    models = _pairs(args.models)
-    backbones = _pairs(args.backbone)
+    models = name_dir_pairs(args.models)
+    backbones = name_dir_pairs(args.backbone)
     if backbones:
         csv_dir = args.work / "csv"
         if not (csv_dir / "val.csv").is_file():

@@ -17,29 +17,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, bundle_run_command
+
 BEGIN, END = "<!-- BEGIN GENERATED: quick_start_example -->", "<!-- END GENERATED -->"
 BUNDLE = "blood_cbm"
 
 
 def quick_start_rows(out: Path) -> list[dict]:
-    b = f"bundles/{BUNDLE}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--bundle_root",
-        b,
-        "--config_file",
-        f"{b}/configs/inference.yaml",
-        "--meta_file",
-        f"{b}/configs/metadata.json",
-        "--workflow_type",
-        "infer",
-        "--output_dir",
-        str(out),
-    ]
+    cmd = bundle_run_command(BUNDLE, "inference.yaml", "--workflow_type", "infer", "--output_dir", str(out))
     subprocess.run(
         cmd, cwd=REPO, check=True, capture_output=True, env={**__import__("os").environ, "MEDCBM_PROGRESS": "0"}
     )
