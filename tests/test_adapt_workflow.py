@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -315,31 +316,35 @@ def _run_toy(site, config, *args):
     )
 
 
+def _adapt_then_infer(site, tmp_path, *adapt_args: str) -> tuple[dict, Path]:
+    """``adapt.yaml`` with ``adapt_args``, then ``inference.yaml`` on the site's other images with the result;
+    returns the ``adaptation.json`` content and the inference output folder."""
+    adapt, out = tmp_path / "adapt", tmp_path / "out"
+    proc = _run_toy(site, "adapt.yaml", *adapt_args, "--output_dir", str(adapt))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    args = ("--input", str(site["rest"]), "--output_dir", str(out), "--adaptation", str(adapt / ADAPTATION_FILE))
+    proc = _run_toy(site, "inference.yaml", *args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads((adapt / ADAPTATION_FILE).read_text()), out
+
+
+def _assert_fails_in_one_line(proc, output_dir: Path, *named: str) -> None:
+    """Exit 2, one ``medcbm:`` line naming each of ``named``, no traceback and no ``adaptation.json``."""
+    assert proc.returncode == 2
+    last = [line for line in proc.stderr.splitlines() if line.startswith("medcbm:")]
+    assert len(last) == 1 and all(n in last[0] for n in named), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and not (output_dir / ADAPTATION_FILE).exists()
+
+
 def test_bundle_command_adapts_then_infers_and_fails_in_one_line(site, tmp_path):
-    adapt = tmp_path / "adapt"
-    proc = _run_toy(site, "adapt.yaml", "--support", str(site["support"]), "--output_dir", str(adapt))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads((adapt / ADAPTATION_FILE).read_text())["gain"]
-    proc = _run_toy(
-        site,
-        "inference.yaml",
-        "--input",
-        str(site["rest"]),
-        "--output_dir",
-        str(tmp_path / "out"),
-        "--adaptation",
-        str(adapt / ADAPTATION_FILE),
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = _predictions(tmp_path / "out")
+    adaptation, out = _adapt_then_infer(site, tmp_path, "--support", str(site["support"]))
+    assert adaptation["gain"]
+    rows = _predictions(out)
     assert balanced_accuracy(np.array([r["label"] for r in rows]), np.array([r["prediction"] for r in rows])) >= 0.9
 
     bad = _write(tmp_path / "bad.csv", [[site["support_rows"][0][0], "purple"]])
     proc = _run_toy(site, "adapt.yaml", "--support", str(bad), "--output_dir", str(tmp_path / "bad_adapt"))
-    assert proc.returncode == 2
-    last = [line for line in proc.stderr.splitlines() if line.startswith("medcbm:")]
-    assert len(last) == 1 and str(bad) in last[0] and "purple" in last[0] and "Traceback" not in proc.stderr
-    assert not (tmp_path / "bad_adapt" / ADAPTATION_FILE).exists()
+    _assert_fails_in_one_line(proc, tmp_path / "bad_adapt", str(bad), "purple")
 
 
 # ------------------------------------------------------------------------------------------------ real images

@@ -21,7 +21,15 @@ from medcbm.engine import PredictionEngine
 from medcbm.workflows import InferenceRunner
 from medcbm.workflows.adapt import ADAPTATION_FILE, REPORT_FILE, AdaptationRunner
 from medcbm.workflows.site_sample import SiteSampleError
-from test_adapt_workflow import _images, _predictions, _run_toy, _write, site  # noqa: F401
+from test_adapt_workflow import (  # noqa: F401
+    _adapt_then_infer,
+    _assert_fails_in_one_line,
+    _images,
+    _predictions,
+    _run_toy,
+    _write,
+    site,
+)
 
 
 def _smooth_images(folder, n, seed, green_cast=True):
@@ -91,34 +99,16 @@ def test_with_support_the_edit_is_searched_on_top_and_a_prediction_ignores_its_b
 
 
 def test_bundle_command_site_images_then_inference_reports_the_calibrated_shift(site, site_folder, tmp_path):  # noqa: F811
-    adapt = tmp_path / "adapt"
-    proc = _run_toy(site, "adapt.yaml", "--site_images", str(site_folder), "--output_dir", str(adapt))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "calibration" in json.loads((adapt / ADAPTATION_FILE).read_text())
-    out = tmp_path / "out"
-    proc = _run_toy(
-        site,
-        "inference.yaml",
-        "--input",
-        str(site["rest"]),
-        "--output_dir",
-        str(out),
-        "--adaptation",
-        str(adapt / ADAPTATION_FILE),
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    data, out = _adapt_then_infer(site, tmp_path, "--site_images", str(site_folder))
+    assert "calibration" in data
     summary = json.loads((out / "run_summary.json").read_text())
-    data = json.loads((adapt / ADAPTATION_FILE).read_text())
     if data["calibration"].get("concepts"):
         cs = summary["site_shift"]["concept_space"]
         assert cs["before_calibration"]["n"] == len(_predictions(out)) and "after" in cs["message"]
     # a bad site sample: one line, exit 2, no file
     few = _smooth_images(tmp_path / "few", 3, seed=9)
     proc = _run_toy(site, "adapt.yaml", "--site_images", str(few), "--output_dir", str(tmp_path / "bad"))
-    assert proc.returncode == 2
-    last = [line for line in proc.stderr.splitlines() if line.startswith("medcbm:")]
-    assert len(last) == 1 and str(few) in last[0] and "at least 30 needed" in last[0]
-    assert "Traceback" not in proc.stderr and not (tmp_path / "bad" / ADAPTATION_FILE).exists()
+    _assert_fails_in_one_line(proc, tmp_path / "bad", str(few), "at least 30 needed")
 
 
 # ------------------------------------------------------------------------------------------------ bad site samples
