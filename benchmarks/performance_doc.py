@@ -19,8 +19,9 @@ BEGIN, END = "<!-- BEGIN GENERATED: inference_speed -->", "<!-- END GENERATED --
 def render(d: dict) -> str:
     rows = [
         "| bundle | input px | engine model step vs bare `encode_image` | minimal loop img/s | bundle job img/s "
-        "(0 workers / 2 workers) | job / minimal loop, wall | job / minimal loop, CPU seconds |",
-        "|---|---|---|---|---|---|---|",
+        "(0 workers / 2 workers) | job / minimal loop, wall: fastest runs | job / minimal loop, wall: median of "
+        "back-to-back pairs | job / minimal loop, CPU seconds |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, v in d["bundles"].items():
         p = v["pipeline_ratio"]
@@ -28,8 +29,17 @@ def render(d: dict) -> str:
             f"| {name} | {v['input_size']} | {v['model_overhead']['overhead_percent']:+.1f} % | "
             f"{p['minimal_loop_img_per_s']} | {p.get('bundle_job_img_per_s_workers_0')} / "
             f"{p.get('bundle_job_img_per_s_workers_2')} | {p.get('ratio_workers_0')} / {p.get('ratio_workers_2')} | "
+            f"{p.get('paired_ratio_workers_0', 'n/a')} / {p.get('paired_ratio_workers_2', 'n/a')} | "
             f"{p.get('cpu_ratio_workers_0', 'n/a')} / {p.get('cpu_ratio_workers_2', 'n/a')} |"
         )
+    rounds = [
+        f"{name} {w} workers: {', '.join(str(x) for x in v['pipeline_ratio'][f'ratio_rounds_workers_{w}'])}"
+        for name, v in d["bundles"].items()
+        for w in (0, 2)
+        if f"ratio_rounds_workers_{w}" in v["pipeline_ratio"]
+    ]
+    if rounds:
+        rows += ["", "Job / minimal loop per round (wall): " + "; ".join(rounds) + "."]
     s, t = d.get("scaling_blood_cbm"), d.get("torchrun_blood_cbm")
     lines = [
         BEGIN,
